@@ -1,0 +1,152 @@
+//! Builds the service: binds the HTTP listener (port 0 works), opens the
+//! store, starts the dispatcher, and hands back the address and a future
+//! that runs until the server is stopped (zero-to-production's
+//! `Application::build` / `run_until_stopped`). Everything is created once
+//! here and passed in; there are no globals.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use actix_web::{web, App, HttpResponse, HttpServer};
+use arc_swap::ArcSwap;
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::api_error::ApiError;
+use crate::clock::SharedClock;
+use crate::pipeline::Pipeline;
+use crate::store::Store;
+use crate::{admin, dispatch, ingest};
+
+/// What request handlers share.
+pub struct AppState {
+    /// The configuration in force; a reload swaps it whole.
+    pub pipeline: Arc<ArcSwap<Pipeline>>,
+    pub store: Arc<dyn Store>,
+    pub clock: SharedClock,
+    /// Tells the dispatcher new work is queued.
+    pub wake: Arc<Notify>,
+}
+
+pub struct Application {
+    addr: SocketAddr,
+    server: actix_web::dev::Server,
+    handle: ServerHandle,
+    pub state: web::Data<AppState>,
+    dispatcher: dispatch::DispatcherHandle,
+}
+
+pub struct BuildOptions {
+    pub clock: SharedClock,
+    /// Let actix stop the server on SIGINT/SIGTERM (the `serve` command).
+    pub handle_signals: bool,
+}
+
+impl Application {
+    /// Must be called inside an actix system: the dispatcher starts on the
+    /// current thread.
+    pub fn build(pipeline: Pipeline, options: BuildOptions) -> anyhow::Result<Self> {
+        let settings = &pipeline.settings;
+        let store = crate::store::open(&settings.storage.url)
+            .map_err(|e| anyhow::anyhow!("storage.url {:?}: {e}", settings.storage.url))?;
+        let listen = settings.server.listen.clone();
+        let workers = match settings.server.workers {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            n => n,
+        };
+        let shutdown_timeout = settings.server.shutdown_timeout_secs;
+        let pipeline = Arc::new(ArcSwap::from_pointee(pipeline));
+        let wake = Arc::new(Notify::new());
+        let state = web::Data::new(AppState {
+            pipeline: pipeline.clone(),
+            store: store.clone(),
+            clock: options.clock.clone(),
+            wake: wake.clone(),
+        });
+        let data = state.clone();
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(web::JsonConfig::default().error_handler(|err, _| {
+                    ApiError::bad_request(format!("invalid JSON body: {err}")).into()
+                }))
+                .app_data(web::QueryConfig::default().error_handler(|err, _| {
+                    ApiError::bad_request(format!("invalid query: {err}")).into()
+                }))
+                .app_data(web::PathConfig::default().error_handler(|err, _| {
+                    ApiError::bad_request(format!("invalid path: {err}")).into()
+                }))
+                .route("/hooks/{source}", web::post().to(ingest::receive))
+                .route("/healthz", web::get().to(healthz))
+                .route("/readyz", web::get().to(readyz))
+                .service(admin::scope())
+                .default_service(web::to(not_found))
+        })
+        .workers(workers)
+        .shutdown_timeout(shutdown_timeout)
+        .bind(&listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (server.listen): {e}"))?;
+        if !options.handle_signals {
+            server = server.disable_signals();
+        }
+        let addr = server.addrs()[0];
+        let server = server.run();
+        let handle = server.handle();
+        let dispatcher = dispatch::spawn(store, pipeline, options.clock, wake);
+        Ok(Self {
+            addr,
+            server,
+            handle,
+            state,
+            dispatcher,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Stops the server from outside (tests, the demo).
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    /// Serves until stopped (a signal or `handle().stop()`), then stops the
+    /// dispatcher: in-flight sends finish or go back to the queue.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let served = self.server.await;
+        tracing::info!("HTTP server stopped; finishing in-flight sends");
+        self.dispatcher.shutdown().await;
+        // Give the store's writer a moment to answer the last records.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        served
+    }
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let version = state.pipeline.load().version.clone();
+    match state.store.ping().await {
+        Ok(()) => HttpResponse::Ok().json(json!({"status": "ready", "config_version": version})),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({
+            "status": "unavailable", "config_version": version, "store": e.to_string()
+        })),
+    }
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found(
+        "no such endpoint; see README \"HTTP API\"",
+    ))
+}

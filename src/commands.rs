@@ -1,0 +1,428 @@
+//! The command-line verbs behind `main.rs`: `check`, `render`, `demo`,
+//! `serve` and `fake-market`. Each returns its exit status; output for
+//! people goes to stdout, logs to stderr.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use serde_json::Value;
+
+use crate::app::{Application, BuildOptions};
+use crate::clock::{to_rfc3339, Clock, SystemClock};
+use crate::market::fake::{FakeConfig, FakeMarket};
+use crate::pipeline::Pipeline;
+use crate::render::EventMeta;
+use crate::settings::{Settings, SourceSettings};
+
+/// A sample event file and what it holds.
+pub struct SampleEvent {
+    pub source: String,
+    pub file: PathBuf,
+    pub body: String,
+    pub payload: Value,
+}
+
+/// Reads `examples/<source>/*.json` for every configured source.
+pub fn sample_events(settings: &Settings, examples: &Path) -> (Vec<SampleEvent>, Vec<String>) {
+    let mut events = Vec::new();
+    let mut problems = Vec::new();
+    for source in settings.sources.keys() {
+        let dir = examples.join(source);
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        for file in files {
+            let body = match std::fs::read_to_string(&file) {
+                Ok(b) => b,
+                Err(e) => {
+                    problems.push(format!("{}: cannot read: {e}", file.display()));
+                    continue;
+                }
+            };
+            match serde_json::from_str::<Value>(&body) {
+                Ok(payload) => events.push(SampleEvent {
+                    source: source.clone(),
+                    file,
+                    body,
+                    payload,
+                }),
+                Err(e) => problems.push(format!("{}: not valid JSON: {e}", file.display())),
+            }
+        }
+    }
+    (events, problems)
+}
+
+fn meta_for(
+    source: &SourceSettings,
+    name: &str,
+    payload: &Value,
+    now: i64,
+) -> Result<EventMeta, String> {
+    let event_type = payload
+        .pointer(&source.event_type)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("no event type (a string) at {:?}", source.event_type))?;
+    let id = source
+        .event_id
+        .as_deref()
+        .and_then(|p| payload.pointer(p))
+        .map(|v| {
+            v.as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| v.to_string())
+        })
+        .unwrap_or_else(|| "sample".into());
+    Ok(EventMeta {
+        source: name.to_owned(),
+        event_type: event_type.to_owned(),
+        id,
+        received_at: to_rfc3339(now),
+    })
+}
+
+/// `chatbridge check`: validate everything and render every route against
+/// the sample events. Problems print as `file: what is wrong`.
+pub fn check(config_dir: &Path, examples: &Path) -> i32 {
+    let pipeline = match Pipeline::load(config_dir) {
+        Ok(p) => p,
+        Err(problems) => {
+            for p in &problems {
+                println!("{p}");
+            }
+            println!("{} problem(s) found", problems.len());
+            return 1;
+        }
+    };
+    let (events, mut problems) = sample_events(&pipeline.settings, examples);
+    let now = SystemClock.now_ms();
+    let mut used_routes = std::collections::HashSet::new();
+    let mut rendered = 0;
+    for sample in &events {
+        let source = &pipeline.settings.sources[&sample.source];
+        let meta = match meta_for(source, &sample.source, &sample.payload, now) {
+            Ok(m) => m,
+            Err(e) => {
+                problems.push(format!("{}: {e}", sample.file.display()));
+                continue;
+            }
+        };
+        for planned in pipeline.plan(&sample.payload, &meta) {
+            used_routes.insert(planned.route.clone());
+            match planned.rendered {
+                Ok(_) => rendered += 1,
+                Err(e) => problems.push(format!(
+                    "{}: route {:?}: {e}",
+                    sample.file.display(),
+                    planned.route
+                )),
+            }
+        }
+    }
+    for route in &pipeline.routes.routes {
+        if !used_routes.contains(&route.name) {
+            problems.push(format!(
+                "{}: route {:?} (event {:?}) matches none of the sample events; add one under {}/<source>/ or fix the pattern",
+                pipeline.settings.routes_file().display(),
+                route.name,
+                route.event,
+                examples.display()
+            ));
+        }
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    if problems.is_empty() {
+        println!(
+            "ok: {} route(s), {} template(s), {} sample event(s), {} message(s) rendered",
+            pipeline.routes.routes.len(),
+            pipeline.renderer.template_names().count(),
+            events.len(),
+            rendered
+        );
+        0
+    } else {
+        println!("{} problem(s) found", problems.len());
+        1
+    }
+}
+
+/// `chatbridge render`: which routes match the event and the exact text.
+pub fn render(config_dir: &Path, source: &str, event_file: &Path) -> i32 {
+    let pipeline = match Pipeline::load(config_dir) {
+        Ok(p) => p,
+        Err(problems) => {
+            problems.iter().for_each(|p| println!("{p}"));
+            return 1;
+        }
+    };
+    let Some(source_settings) = pipeline.settings.sources.get(source) else {
+        println!(
+            "{}: no source {source:?} (known: {})",
+            pipeline.settings.settings_file().display(),
+            pipeline
+                .settings
+                .sources
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return 1;
+    };
+    let payload = match std::fs::read_to_string(event_file)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_str::<Value>(&b).map_err(|e| format!("not valid JSON: {e}")))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            println!("{}: {e}", event_file.display());
+            return 1;
+        }
+    };
+    let meta = match meta_for(source_settings, source, &payload, SystemClock.now_ms()) {
+        Ok(m) => m,
+        Err(e) => {
+            println!("{}: {e}", event_file.display());
+            return 1;
+        }
+    };
+    let planned = pipeline.plan(&payload, &meta);
+    if planned.is_empty() {
+        println!(
+            "no route matches event {:?} from source {source:?}",
+            meta.event_type
+        );
+        return 0;
+    }
+    let mut status = 0;
+    for p in planned {
+        match p.rendered {
+            Ok(r) => println!(
+                "route {:?} → business {}, chat {}, {} characters:\n{}\n",
+                p.route,
+                r.business_id,
+                r.chat_id,
+                r.text.as_str().chars().count(),
+                r.text.as_str()
+            ),
+            Err(e) => {
+                println!("route {:?}: cannot render: {e}\n", p.route);
+                status = 1;
+            }
+        }
+    }
+    status
+}
+
+/// `chatbridge serve`.
+pub async fn serve(config_dir: &Path) -> i32 {
+    let pipeline = match Pipeline::load(config_dir) {
+        Ok(p) => p,
+        Err(problems) => {
+            problems.iter().for_each(|p| eprintln!("{p}"));
+            return 1;
+        }
+    };
+    crate::telemetry::init(pipeline.settings.log.format);
+    if pipeline
+        .settings
+        .market
+        .api_key
+        .as_ref()
+        .is_none_or(|k| k.expose_secret().is_empty())
+        && pipeline
+            .settings
+            .market
+            .businesses
+            .values()
+            .all(|b| b.api_key.is_none())
+    {
+        tracing::warn!("no Market API key is set (CHATBRIDGE__MARKET__API_KEY): deliveries will be held until one is");
+    }
+    let version = pipeline.version.clone();
+    let app = match Application::build(
+        pipeline,
+        BuildOptions {
+            clock: Arc::new(SystemClock),
+            handle_signals: true,
+        },
+    ) {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("{e:#}");
+            return 1;
+        }
+    };
+    tracing::info!(listen = %app.addr(), config_version = %version, "chatbridge is serving");
+    match app.run_until_stopped().await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("server error: {e}");
+            1
+        }
+    }
+}
+
+/// `chatbridge fake-market`: serves until Ctrl-C.
+pub async fn fake_market(listen: &str, config: FakeConfig) -> i32 {
+    crate::telemetry::init(crate::settings::LogFormat::Text);
+    let market = match FakeMarket::start(listen, config, Arc::new(SystemClock)) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("cannot listen on {listen}: {e}");
+            return 1;
+        }
+    };
+    println!(
+        "fake Market listening on {} (received messages: GET {}/_fake/messages)",
+        market.base_url(),
+        market.base_url()
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    market.stop().await;
+    0
+}
+
+/// Posts a sample event as its source would: signed, or with its token.
+pub async fn post_sample(
+    client: &awc::Client,
+    base: &str,
+    source: &SourceSettings,
+    sample: &SampleEvent,
+    now_secs: i64,
+    id: &str,
+) -> Result<(u16, Value), String> {
+    let mut request = client
+        .post(format!("{base}/hooks/{}", sample.source))
+        .insert_header(("content-type", "application/json"));
+    if let Some(secret) = source.secret.as_ref().and_then(|s| s.0.first()) {
+        let signature = crate::ingest::signature::sign(
+            secret.expose_secret(),
+            id,
+            now_secs,
+            sample.body.as_bytes(),
+        )?;
+        request = request
+            .insert_header(("webhook-id", id))
+            .insert_header(("webhook-timestamp", now_secs.to_string()))
+            .insert_header(("webhook-signature", signature));
+    } else if let Some(token) = source.token.as_ref().and_then(|t| t.0.first()) {
+        request =
+            request.insert_header(("authorization", format!("Bearer {}", token.expose_secret())));
+    }
+    let mut response = request
+        .send_body(sample.body.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let body = response.json::<Value>().await.map_err(|e| e.to_string())?;
+    Ok((response.status().as_u16(), body))
+}
+
+/// `chatbridge demo`: the bridge and a fake Market in one process, on a
+/// fresh temporary database; posts the sample events and prints what the
+/// buyers got.
+pub async fn demo(config_dir: &Path, examples: &Path) -> i32 {
+    match run_demo(config_dir, examples).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("demo failed: {e:#}");
+            1
+        }
+    }
+}
+
+async fn run_demo(config_dir: &Path, examples: &Path) -> anyhow::Result<i32> {
+    crate::telemetry::init(crate::settings::LogFormat::Text);
+    let mut settings = Settings::load(config_dir)?;
+    let temp = tempfile::tempdir()?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let market = FakeMarket::start("127.0.0.1:0", FakeConfig::default(), clock.clone())?;
+    settings.storage.url = format!("sqlite://{}", temp.path().join("demo.db").display());
+    settings.market.base_url = market.base_url();
+    settings.market.api_key = Some("demo-api-key".to_owned().into());
+    settings.server.listen = "127.0.0.1:0".into();
+    let pipeline = Pipeline::from_settings(settings).map_err(|p| anyhow::anyhow!(p.join("\n")))?;
+    let (samples, problems) = sample_events(&pipeline.settings, examples);
+    for p in &problems {
+        println!("skipped {p}");
+    }
+    let sources = pipeline.settings.sources.clone();
+    let app = Application::build(
+        pipeline,
+        BuildOptions {
+            clock: clock.clone(),
+            handle_signals: false,
+        },
+    )?;
+    let base = format!("http://{}", app.addr());
+    let handle = app.handle();
+    let server = actix_rt::spawn(app.run_until_stopped());
+    println!(
+        "chatbridge on {base}, fake Market on {}, database in {}\n",
+        market.base_url(),
+        temp.path().display()
+    );
+
+    let client = awc::Client::default();
+    let mut expected = 0;
+    for (i, sample) in samples.iter().enumerate() {
+        let id = format!("demo-{}-{i}", clock.now_ms());
+        let (status, body) = post_sample(
+            &client,
+            &base,
+            &sources[&sample.source],
+            sample,
+            clock.now_ms() / 1000,
+            &id,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("posting {}: {e}", sample.file.display()))?;
+        let deliveries = body["deliveries"].as_array().cloned().unwrap_or_default();
+        println!(
+            "POST /hooks/{} {} → {status}, {} deliver(y/ies)",
+            sample.source,
+            sample.file.display(),
+            deliveries.len()
+        );
+        for d in &deliveries {
+            if d["state"] == "failed" {
+                println!(
+                    "   delivery {} (route {}) failed to render",
+                    d["id"], d["route"]
+                );
+            } else {
+                expected += 1;
+            }
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while market.delivered().len() < expected && std::time::Instant::now() < deadline {
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!();
+    let delivered = market.delivered();
+    for m in &delivered {
+        println!(
+            "── business {}, chat {} ──\n{}\n",
+            m.business_id, m.chat_id, m.message
+        );
+    }
+    println!(
+        "{} of {} message(s) delivered to the fake Market",
+        delivered.len(),
+        expected
+    );
+    handle.stop(true).await;
+    let _ = server.await;
+    market.stop().await;
+    Ok(if delivered.len() == expected { 0 } else { 1 })
+}

@@ -1,0 +1,198 @@
+//! `POST /hooks/{source}`: the way in. Checks, in the order DESIGN.md
+//! fixes (unknown source 404, body too large 413, not JSON 415, bad
+//! signature or token 401, invalid JSON or no event type 400), then routes
+//! and renders the event and stores it with its deliveries. It answers 202
+//! only after the store's commit is durable; a repeated event id answers
+//! 200 with the stored result and `"duplicate": true`.
+
+pub mod signature;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::api_error::ApiError;
+use crate::app::AppState;
+use crate::clock::to_rfc3339;
+use crate::pipeline::hex;
+use crate::render::EventMeta;
+use crate::store::{Inserted, NewDelivery, NewEvent, RenderedMessage, StoredEvent};
+use signature::AuthHeaders;
+
+pub async fn receive(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    source: web::Path<String>,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    // One configuration for the whole request, even if a reload lands meanwhile.
+    let pipeline = state.pipeline.load_full();
+    let source = source.into_inner();
+    let Some(source_settings) = pipeline.settings.sources.get(&source) else {
+        return Err(ApiError::new(
+            404,
+            "unknown_source",
+            format!("no source {source:?} is configured"),
+        ));
+    };
+    let limit = pipeline.settings.server.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            413,
+            "body_too_large",
+            format!("the body is over the {limit}-byte limit (server.max_body_bytes)"),
+        )
+    };
+    let declared = header(&req, "content-length").and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let is_json = header(&req, "content-type").is_some_and(|ct| {
+        let media = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        media == "application/json"
+            || (media.starts_with("application/") && media.ends_with("+json"))
+    });
+    if !is_json {
+        return Err(ApiError::new(
+            415,
+            "unsupported_media_type",
+            "send the event with Content-Type: application/json",
+        ));
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let now = state.clock.now_ms();
+    let headers = AuthHeaders {
+        webhook_id: header(&req, "webhook-id"),
+        webhook_timestamp: header(&req, "webhook-timestamp"),
+        webhook_signature: header(&req, "webhook-signature"),
+        authorization: header(&req, "authorization"),
+    };
+    signature::verify(source_settings, headers, &body, now)
+        .map_err(|e| ApiError::new(401, "unauthorized", e.to_string()))?;
+
+    let event: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            400,
+            "invalid_json",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    if !event.is_object() {
+        return Err(ApiError::new(
+            400,
+            "invalid_json",
+            "the event must be a JSON object",
+        ));
+    }
+    let event_type = match event.pointer(&source_settings.event_type) {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => {
+            return Err(ApiError::new(
+                400,
+                "missing_event_type",
+                format!(
+                    "no event type (a non-empty string) at {:?}",
+                    source_settings.event_type
+                ),
+            ))
+        }
+    };
+    let event_id = source_settings
+        .event_id
+        .as_deref()
+        .and_then(|p| scalar_text(event.pointer(p)?))
+        .or_else(|| headers.webhook_id.map(str::to_owned))
+        .unwrap_or_else(|| hex(&Sha256::digest(&body)));
+
+    let meta = EventMeta {
+        source: source.clone(),
+        event_type: event_type.clone(),
+        id: event_id.clone(),
+        received_at: to_rfc3339(now),
+    };
+    let deliveries = pipeline
+        .plan(&event, &meta)
+        .into_iter()
+        .map(|planned| NewDelivery {
+            route: planned.route,
+            template: planned.template,
+            rendered: planned.rendered.map(|r| RenderedMessage {
+                business_id: r.business_id,
+                chat_id: r.chat_id,
+                text: r.text.into_string(),
+            }),
+        })
+        .collect();
+    let inserted = state
+        .store
+        .insert_event(NewEvent {
+            source: source.clone(),
+            external_id: event_id,
+            event_type,
+            payload: String::from_utf8_lossy(&body).into_owned(),
+            received_at: now,
+            deliveries,
+        })
+        .await?;
+    Ok(match inserted {
+        Inserted::New(stored) => {
+            log_failures(&stored);
+            state.wake.notify_one();
+            HttpResponse::Accepted().json(answer(&stored, false))
+        }
+        Inserted::Duplicate(stored) => HttpResponse::Ok().json(answer(&stored, true)),
+    })
+}
+
+fn answer(stored: &StoredEvent, duplicate: bool) -> Value {
+    let mut body = json!({
+        "event_id": stored.external_id,
+        "deliveries": stored.deliveries,
+    });
+    if duplicate {
+        body["duplicate"] = json!(true);
+    }
+    body
+}
+
+fn log_failures(stored: &StoredEvent) {
+    for d in stored
+        .deliveries
+        .iter()
+        .filter(|d| d.state == crate::domain::DeliveryState::Failed)
+    {
+        tracing::warn!(
+            delivery = d.id,
+            route = %d.route,
+            source = %stored.source,
+            event_id = %stored.external_id,
+            "delivery failed to render; fix the template and retry it"
+        );
+    }
+}
+
+fn header<'a>(req: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}

@@ -1,0 +1,152 @@
+//! Sends chat messages with awc. One request per call, no retries here:
+//! what an answer means is the dispatcher's decision. awc's client is
+//! `!Send`, so a [`MarketClient`] lives on the thread that made it.
+
+use std::time::{Duration, Instant};
+
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{ApiResponse, HEADER_API_KEY, HEADER_INTEGRATION, HEADER_REMAINING, HEADER_UNTIL};
+use crate::clock::Millis;
+use crate::domain::{BusinessId, ChatId};
+use crate::store::ApiErrorEntry;
+
+/// Bodies larger than this are cut: an error body is a few hundred bytes.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// What the Market answered.
+#[derive(Debug, Clone)]
+pub struct MarketAnswer {
+    pub status: u16,
+    pub errors: Vec<ApiErrorEntry>,
+    /// `X-RateLimit-Resource-Remaining`: sends left in the Market's window.
+    pub remaining: Option<u32>,
+    /// `X-RateLimit-Resource-Until`: when the Market's window resets.
+    pub until: Option<Millis>,
+    pub latency: Duration,
+}
+
+/// No answer at all.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("request failed: {0}")]
+    Other(String),
+}
+
+impl TransportError {
+    /// Whether the request may have reached the Market (and used quota).
+    pub fn may_have_arrived(&self) -> bool {
+        !matches!(self, Self::Connect(_))
+    }
+}
+
+pub struct MarketClient {
+    http: awc::Client,
+    base_url: String,
+    timeout: Duration,
+}
+
+impl MarketClient {
+    pub fn new(base_url: &str, timeout: Duration) -> Self {
+        let http = awc::Client::builder()
+            .timeout(timeout)
+            .add_default_header((
+                HEADER_INTEGRATION,
+                concat!("chatbridge/", env!("CARGO_PKG_VERSION")),
+            ))
+            .finish();
+        Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            timeout,
+        }
+    }
+
+    /// `POST /v2/businesses/{businessId}/chats/message?chatId={chatId}`.
+    pub async fn send_message(
+        &self,
+        api_key: &SecretString,
+        business: BusinessId,
+        chat: ChatId,
+        text: &str,
+    ) -> Result<MarketAnswer, TransportError> {
+        let url = format!(
+            "{}{}",
+            self.base_url,
+            super::send_message_path(business.0, chat.0)
+        );
+        let started = Instant::now();
+        let sent = self
+            .http
+            .post(url)
+            .insert_header((HEADER_API_KEY, api_key.expose_secret()))
+            .send_json(&serde_json::json!({ "message": text }))
+            .await;
+        let mut response = match sent {
+            Ok(r) => r,
+            Err(awc::error::SendRequestError::Timeout) => {
+                return Err(TransportError::Timeout(self.timeout))
+            }
+            Err(awc::error::SendRequestError::Connect(e)) => {
+                return Err(TransportError::Connect(e.to_string()))
+            }
+            Err(e) => return Err(TransportError::Other(e.to_string())),
+        };
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let remaining = header(HEADER_REMAINING).and_then(|v| v.trim().parse().ok());
+        let until = header(HEADER_UNTIL).and_then(|v| parse_until(&v));
+        let status = response.status().as_u16();
+        // A body we cannot read or parse still leaves the status to act on.
+        let body = response
+            .body()
+            .limit(MAX_ANSWER_BYTES)
+            .await
+            .unwrap_or_default();
+        let errors = serde_json::from_slice::<ApiResponse>(&body)
+            .map(|r| r.errors)
+            .unwrap_or_default();
+        Ok(MarketAnswer {
+            status,
+            errors,
+            remaining,
+            until,
+            latency: started.elapsed(),
+        })
+    }
+}
+
+/// `X-RateLimit-Resource-Until` is an RFC 822 date.
+pub fn parse_until(value: &str) -> Option<Millis> {
+    chrono::DateTime::parse_from_rfc2822(value.trim())
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+pub fn format_until(ms: Millis) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc2822())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn until_dates_round_trip() {
+        let t = 1_795_000_000_000;
+        assert_eq!(parse_until(&format_until(t)), Some(t));
+        assert_eq!(parse_until("Wed, 25 Nov 2026 13:00:00 GMT").is_some(), true);
+        assert_eq!(parse_until("soon"), None);
+    }
+}

@@ -1,0 +1,397 @@
+//! A simulated Market Partner API, close enough to the real one that the
+//! dispatcher cannot tell: the real path, `Api-Key` check, validation per
+//! `chats.openapi.yaml`, the official error body, `X-RateLimit-Resource-*`
+//! headers, an hourly window answered with 420, the 4-in-flight cap (also
+//! 420), and switches for failures, latency and scripted answers. It keeps
+//! every request it received; `GET /_fake/messages` and `/_fake/stats` show
+//! them to tests and people.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::client::format_until;
+use super::{HEADER_API_KEY, HEADER_LIMIT, HEADER_REMAINING, HEADER_UNTIL};
+use crate::clock::{Millis, SharedClock};
+use crate::store::ApiErrorEntry;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FakeConfig {
+    /// Keys that pass; empty = any non-empty key passes.
+    pub api_keys: Vec<String>,
+    /// Sends per business per window; 0 = no limit.
+    pub hourly_limit: u32,
+    pub window_secs: u64,
+    /// Parallel requests per business; 0 = no cap.
+    pub max_in_flight: usize,
+    /// Share of requests answered 500, 0.0..=1.0.
+    pub failure_rate: f64,
+    pub latency_ms: u64,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            hourly_limit: 1000,
+            window_secs: 3600,
+            max_in_flight: 4,
+            failure_rate: 0.0,
+            latency_ms: 0,
+        }
+    }
+}
+
+/// An answer to give instead of the normal one, `times` times, to requests
+/// matching the business and chat when given.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScriptedAnswer {
+    pub status: u16,
+    #[serde(default)]
+    pub errors: Vec<ApiErrorEntry>,
+    #[serde(default)]
+    pub business_id: Option<i64>,
+    #[serde(default)]
+    pub chat_id: Option<i64>,
+    #[serde(default = "one")]
+    pub times: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReceivedRequest {
+    pub business_id: i64,
+    pub chat_id: i64,
+    pub message: String,
+    pub at: Millis,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FakeStats {
+    pub requests: u64,
+    pub by_status: HashMap<u16, u64>,
+    /// The most requests of one business in flight at once.
+    pub max_in_flight_seen: HashMap<i64, usize>,
+}
+
+#[derive(Default)]
+struct Window {
+    started: Millis,
+    count: u32,
+}
+
+struct FakeState {
+    config: Mutex<FakeConfig>,
+    clock: SharedClock,
+    received: Mutex<Vec<ReceivedRequest>>,
+    windows: Mutex<HashMap<i64, Window>>,
+    in_flight: Mutex<HashMap<i64, usize>>,
+    script: Mutex<VecDeque<ScriptedAnswer>>,
+    stats: Mutex<FakeStats>,
+}
+
+/// A running fake Market. Dropping it does not stop the server; call `stop`.
+#[derive(Clone)]
+pub struct FakeMarket {
+    pub addr: SocketAddr,
+    state: Arc<FakeState>,
+    server: actix_web::dev::ServerHandle,
+}
+
+impl FakeMarket {
+    /// Binds `listen` (port 0 picks one) and serves on the current actix system.
+    pub fn start(listen: &str, config: FakeConfig, clock: SharedClock) -> std::io::Result<Self> {
+        let state = Arc::new(FakeState {
+            config: Mutex::new(config),
+            clock,
+            received: Mutex::default(),
+            windows: Mutex::default(),
+            in_flight: Mutex::default(),
+            script: Mutex::default(),
+            stats: Mutex::default(),
+        });
+        let data = web::Data::from(state.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(web::PayloadConfig::new(1 << 20))
+                .route(
+                    "/v2/businesses/{business_id}/chats/message",
+                    web::post().to(send_message),
+                )
+                .route("/_fake/messages", web::get().to(list_messages))
+                .route("/_fake/stats", web::get().to(show_stats))
+                .route("/_fake/script", web::post().to(add_script))
+                .route("/_fake/config", web::post().to(set_config))
+        })
+        .workers(1)
+        .disable_signals()
+        .bind(listen)?;
+        let addr = server.addrs()[0];
+        let server = server.run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Ok(Self {
+            addr,
+            state,
+            server: handle,
+        })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests answered 200, in arrival order.
+    pub fn delivered(&self) -> Vec<ReceivedRequest> {
+        lock(&self.state.received)
+            .iter()
+            .filter(|r| r.status == 200)
+            .cloned()
+            .collect()
+    }
+
+    pub fn requests(&self) -> Vec<ReceivedRequest> {
+        lock(&self.state.received).clone()
+    }
+
+    pub fn stats(&self) -> FakeStats {
+        lock(&self.state.stats).clone()
+    }
+
+    pub fn script(&self, answer: ScriptedAnswer) {
+        lock(&self.state.script).push_back(answer);
+    }
+
+    pub fn configure(&self, change: impl FnOnce(&mut FakeConfig)) {
+        change(&mut lock(&self.state.config));
+    }
+
+    pub async fn stop(&self) {
+        self.server.stop(false).await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panicking handler must not take the fake down with it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn api_error(status: u16, code: &str, message: &str) -> (u16, Vec<ApiErrorEntry>) {
+    (
+        status,
+        vec![ApiErrorEntry {
+            code: code.into(),
+            message: Some(message.into()),
+        }],
+    )
+}
+
+/// Decrements the business's in-flight count however the handler ends.
+struct InFlight<'a> {
+    state: &'a FakeState,
+    business: i64,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = lock(&self.state.in_flight).get_mut(&self.business) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatQuery {
+    #[serde(rename = "chatId")]
+    chat_id: Option<String>,
+}
+
+async fn send_message(
+    state: web::Data<FakeState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let config = lock(&state.config).clone();
+    let now = state.clock.now_ms();
+    let business = path.parse::<i64>().ok().filter(|&b| b >= 1);
+    let chat = web::Query::<ChatQuery>::from_query(req.query_string())
+        .ok()
+        .and_then(|q| q.chat_id.clone())
+        .and_then(|c| c.parse::<i64>().ok())
+        .filter(|&c| c >= 1);
+    let message = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned));
+    let key = req
+        .headers()
+        .get(HEADER_API_KEY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let key_ok = !key.is_empty()
+        && !key.starts_with("Bearer ")
+        && (config.api_keys.is_empty() || config.api_keys.iter().any(|k| k == key));
+    let is_json = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+
+    let business_key = business.unwrap_or(0);
+    let in_flight_now = {
+        let mut map = lock(&state.in_flight);
+        let n = map.entry(business_key).or_default();
+        *n += 1;
+        *n
+    };
+    let _guard = InFlight {
+        state: &state,
+        business: business_key,
+    };
+    {
+        let mut stats = lock(&state.stats);
+        let seen = stats.max_in_flight_seen.entry(business_key).or_default();
+        *seen = (*seen).max(in_flight_now);
+    }
+    if config.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(config.latency_ms)).await;
+    }
+
+    let window_ms = config.window_secs.max(1) as i64 * 1000;
+    let (status, errors) = if !key_ok {
+        api_error(401, "UNAUTHORIZED", "Api-Key header is missing or invalid")
+    } else if business.is_none() {
+        api_error(
+            400,
+            "BAD_REQUEST",
+            "businessId must be an integer of at least 1",
+        )
+    } else if chat.is_none() {
+        api_error(
+            400,
+            "BAD_REQUEST",
+            "chatId query parameter must be an integer of at least 1",
+        )
+    } else if !is_json {
+        api_error(400, "BAD_REQUEST", "Content-Type must be application/json")
+    } else if message
+        .as_ref()
+        .is_none_or(|m| m.is_empty() || m.chars().count() > 4096)
+    {
+        api_error(
+            400,
+            "BAD_REQUEST",
+            "message must be a string of 1 to 4096 characters",
+        )
+    } else if config.max_in_flight > 0 && in_flight_now > config.max_in_flight {
+        api_error(420, "HIT_RATE_LIMIT", "too many parallel requests")
+    } else if let Some(scripted) = take_script(&state, business_key, chat.unwrap_or(0)) {
+        (scripted.status, scripted.errors)
+    } else if config.hourly_limit > 0
+        && !take_quota(&state, business_key, now, window_ms, config.hourly_limit)
+    {
+        api_error(420, "HIT_RATE_LIMIT", "hourly limit reached")
+    } else if config.failure_rate > 0.0 && rand::random::<f64>() < config.failure_rate {
+        api_error(500, "INTERNAL_ERROR", "simulated failure")
+    } else {
+        (200, Vec::new())
+    };
+
+    lock(&state.received).push(ReceivedRequest {
+        business_id: business_key,
+        chat_id: chat.unwrap_or(0),
+        message: message.unwrap_or_default(),
+        at: now,
+        status,
+    });
+    {
+        let mut stats = lock(&state.stats);
+        stats.requests += 1;
+        *stats.by_status.entry(status).or_default() += 1;
+    }
+
+    let (used, until) = {
+        let windows = lock(&state.windows);
+        windows
+            .get(&business_key)
+            .filter(|w| now < w.started + window_ms)
+            .map(|w| (w.count, w.started + window_ms))
+            .unwrap_or((0, now + window_ms))
+    };
+    let body = if status == 200 {
+        json!({"status": "OK"})
+    } else {
+        json!({"status": "ERROR", "errors": errors})
+    };
+    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default())
+        .insert_header((HEADER_LIMIT, config.hourly_limit.to_string()))
+        .insert_header((
+            HEADER_REMAINING,
+            config.hourly_limit.saturating_sub(used).to_string(),
+        ))
+        .insert_header((HEADER_UNTIL, format_until(until)))
+        .json(body)
+}
+
+/// Counts one send in the business's fixed window; false when it is full.
+fn take_quota(state: &FakeState, business: i64, now: Millis, window_ms: i64, limit: u32) -> bool {
+    let mut windows = lock(&state.windows);
+    let w = windows.entry(business).or_default();
+    if now >= w.started + window_ms || w.count == 0 {
+        *w = Window {
+            started: now,
+            count: 0,
+        };
+    }
+    if w.count >= limit {
+        return false;
+    }
+    w.count += 1;
+    true
+}
+
+fn take_script(state: &FakeState, business: i64, chat: i64) -> Option<ScriptedAnswer> {
+    let mut script = lock(&state.script);
+    let index = script.iter().position(|s| {
+        s.business_id.is_none_or(|b| b == business) && s.chat_id.is_none_or(|c| c == chat)
+    })?;
+    let entry = &mut script[index];
+    entry.times = entry.times.saturating_sub(1);
+    let answer = entry.clone();
+    if entry.times == 0 {
+        script.remove(index);
+    }
+    Some(answer)
+}
+
+async fn list_messages(state: web::Data<FakeState>) -> HttpResponse {
+    HttpResponse::Ok().json(&*lock(&state.received))
+}
+
+async fn show_stats(state: web::Data<FakeState>) -> HttpResponse {
+    HttpResponse::Ok().json(&*lock(&state.stats))
+}
+
+async fn add_script(
+    state: web::Data<FakeState>,
+    answer: web::Json<ScriptedAnswer>,
+) -> HttpResponse {
+    lock(&state.script).push_back(answer.into_inner());
+    HttpResponse::NoContent().finish()
+}
+
+async fn set_config(state: web::Data<FakeState>, config: web::Json<FakeConfig>) -> HttpResponse {
+    *lock(&state.config) = config.into_inner();
+    HttpResponse::NoContent().finish()
+}

@@ -1,0 +1,30 @@
+//! The Market Partner API: the client chatbridge sends with, and a fake
+//! of the same API for tests, trials and the demo.
+
+pub mod client;
+pub mod fake;
+
+use serde::Deserialize;
+
+use crate::store::ApiErrorEntry;
+
+/// Every header name the Market uses for its quota, in one place.
+pub const HEADER_API_KEY: &str = "Api-Key";
+pub const HEADER_LIMIT: &str = "X-RateLimit-Resource-Limit";
+pub const HEADER_REMAINING: &str = "X-RateLimit-Resource-Remaining";
+pub const HEADER_UNTIL: &str = "X-RateLimit-Resource-Until";
+pub const HEADER_INTEGRATION: &str = "X-Market-Integration";
+
+/// The Market's error body. `status` is unreliable (official examples say
+/// "OK" on errors) and `errors` may be absent: branch on the HTTP status.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+pub struct ApiResponse {
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub errors: Vec<ApiErrorEntry>,
+}
+
+pub fn send_message_path(business: i64, chat: i64) -> String {
+    format!("/v2/businesses/{business}/chats/message?chatId={chat}")
+}

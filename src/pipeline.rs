@@ -1,0 +1,124 @@
+//! The configuration in force: settings, routing table and compiled
+//! templates, loaded and validated as one unit so that a request or a send
+//! never sees half of one configuration and half of another.
+
+use std::path::Path;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::render::{event_context, EventMeta, Rendered, Renderer};
+use crate::routes::RoutingTable;
+use crate::settings::Settings;
+
+pub struct Pipeline {
+    pub settings: Settings,
+    pub routes: RoutingTable,
+    pub renderer: Renderer,
+    /// Short hash of the files this was built from, shown by `/readyz`.
+    pub version: String,
+}
+
+/// One delivery an event gives rise to: a route and its rendering.
+pub struct Planned {
+    pub route: String,
+    pub template: String,
+    pub rendered: Result<Rendered, String>,
+}
+
+impl Pipeline {
+    /// Loads everything under `config_dir` (and the templates folder the
+    /// settings name). All problems come back at once, each as `file: what`.
+    pub fn load(config_dir: &Path) -> Result<Self, Vec<String>> {
+        let settings = Settings::load(config_dir).map_err(|e| vec![e.to_string()])?;
+        Self::from_settings(settings)
+    }
+
+    pub fn from_settings(settings: Settings) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let routes = RoutingTable::load(&settings.routes_file())
+            .map_err(|e| problems.push(e.to_string()))
+            .ok();
+        let renderer = Renderer::load(&settings.templates.dir)
+            .map_err(|e| problems.extend(e))
+            .ok();
+        let (Some(routes), Some(mut renderer)) = (routes, renderer) else {
+            return Err(problems);
+        };
+        if let Err(e) = renderer.prepare_routes(&routes, &settings.routes_file()) {
+            return Err(e);
+        }
+        for route in &routes.routes {
+            if let Some(source) = &route.source {
+                if !settings.sources.contains_key(source) {
+                    problems.push(format!(
+                        "{}: route {:?}: source {source:?} is not defined in {} (known: {})",
+                        settings.routes_file().display(),
+                        route.name,
+                        settings.settings_file().display(),
+                        settings
+                            .sources
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let version = fingerprint(&settings);
+        Ok(Self {
+            settings,
+            routes,
+            renderer,
+            version,
+        })
+    }
+
+    /// Routes the event and renders every matching route.
+    pub fn plan(&self, payload: &Value, meta: &EventMeta) -> Vec<Planned> {
+        let context = event_context(payload, meta);
+        self.routes
+            .route(&meta.source, &meta.event_type, payload)
+            .into_iter()
+            .map(|route| Planned {
+                route: route.name.clone(),
+                template: route.template.clone(),
+                rendered: self.renderer.render(route, &context),
+            })
+            .collect()
+    }
+}
+
+/// Hash of the settings, routes and template files, so two processes (or a
+/// reload) can tell whether they run the same configuration.
+fn fingerprint(settings: &Settings) -> String {
+    let mut hasher = Sha256::new();
+    let mut files = vec![settings.settings_file(), settings.routes_file()];
+    for dir in [
+        settings.templates.dir.clone(),
+        settings.templates.dir.join("partials"),
+    ] {
+        let mut found: Vec<_> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
+        found.sort();
+        files.extend(found);
+    }
+    for file in files {
+        hasher.update(file.to_string_lossy().as_bytes());
+        hasher.update(std::fs::read(&file).unwrap_or_default());
+    }
+    hex(&hasher.finalize()[..6])
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

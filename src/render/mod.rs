@@ -1,0 +1,287 @@
+//! Turns an event into message text with Handlebars. Rendering is strict (a
+//! missing field is an error, never an empty hole) and unescaped (chat text
+//! is plain text: `&` stays `&`). The business and chat ids of a route are
+//! rendered too and parsed as positive integers; the text is checked
+//! against the Market's 1..4096 character bound.
+
+mod helpers;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use handlebars::Handlebars;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::domain::{BusinessId, ChatId, MessageText};
+use crate::routes::{IdSource, Route, RoutingTable};
+
+pub use helpers::{format_roubles, russian_plural_form};
+
+/// What the renderer knows about the event besides its payload; templates
+/// see it as `_event` (`{{_event.source}}`, `{{_event.type}}`, ...).
+#[derive(Debug, Clone, Serialize)]
+pub struct EventMeta {
+    pub source: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub id: String,
+    pub received_at: String,
+}
+
+/// A message ready to send.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub business_id: BusinessId,
+    pub chat_id: ChatId,
+    pub text: MessageText,
+}
+
+pub struct Renderer {
+    hb: Handlebars<'static>,
+    templates: BTreeSet<String>,
+}
+
+impl Renderer {
+    /// Loads `dir/*.hbs` as templates and `dir/partials/*.hbs` as partials.
+    /// Every file that fails to compile is reported as `file: reason`.
+    pub fn load(dir: &Path) -> Result<Self, Vec<String>> {
+        let mut hb = Handlebars::new();
+        hb.set_strict_mode(true);
+        hb.register_escape_fn(handlebars::no_escape);
+        helpers::register(&mut hb);
+        let mut problems = Vec::new();
+        let mut templates = BTreeSet::new();
+        for (path, is_partial) in hbs_files(&dir.join("partials"), true)
+            .into_iter()
+            .chain(hbs_files(dir, false))
+        {
+            let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            let source = match std::fs::read_to_string(&path) {
+                Ok(s) => s,
+                Err(e) => {
+                    problems.push(format!("{}: cannot read: {e}", path.display()));
+                    continue;
+                }
+            };
+            let registered = if is_partial {
+                hb.register_partial(&name, source)
+            } else {
+                templates.insert(name.clone());
+                hb.register_template_string(&name, source)
+            };
+            if let Err(e) = registered {
+                problems.push(format!("{}: {}", path.display(), template_error(&e)));
+            }
+        }
+        if !dir.is_dir() {
+            problems.push(format!(
+                "{}: templates folder not found (set [templates] dir)",
+                dir.display()
+            ));
+        }
+        if problems.is_empty() {
+            Ok(Self { hb, templates })
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn template_names(&self) -> impl Iterator<Item = &str> {
+        self.templates.iter().map(String::as_str)
+    }
+
+    /// Compiles each route's id templates and checks its template exists.
+    pub fn prepare_routes(
+        &mut self,
+        routes: &RoutingTable,
+        routes_file: &Path,
+    ) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        for route in &routes.routes {
+            let at = format!("{}: route {:?}", routes_file.display(), route.name);
+            if !self.templates.contains(&route.template) {
+                let known: Vec<_> = self.templates.iter().map(String::as_str).collect();
+                problems.push(format!(
+                    "{at}: template {:?} not found; known templates: {}",
+                    route.template,
+                    known.join(", ")
+                ));
+            }
+            for (field, id) in [
+                ("business_id", &route.business_id),
+                ("chat_id", &route.chat_id),
+            ] {
+                if let Some(IdSource::Template(source)) = id {
+                    if let Err(e) = self
+                        .hb
+                        .register_template_string(&id_template_name(&route.name, field), source)
+                    {
+                        problems.push(format!("{at}: {field}: {}", template_error(&e)));
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Renders one route for one event.
+    pub fn render(&self, route: &Route, context: &Value) -> Result<Rendered, String> {
+        let business_id = self
+            .render_id(route, "business_id", &route.business_id, context)
+            .and_then(|raw| BusinessId::parse(&raw))?;
+        let chat_id = self
+            .render_id(route, "chat_id", &route.chat_id, context)
+            .and_then(|raw| ChatId::parse(&raw))?;
+        let text = self.render_text(&route.template, context)?;
+        Ok(Rendered {
+            business_id,
+            chat_id,
+            text: MessageText::parse(text)?,
+        })
+    }
+
+    /// The message text alone, unchecked for length.
+    pub fn render_text(&self, template: &str, context: &Value) -> Result<String, String> {
+        self.hb
+            .render(template, context)
+            .map_err(|e| format!("template {template:?}: {}", render_error(&e)))
+    }
+
+    fn render_id(
+        &self,
+        route: &Route,
+        field: &str,
+        id: &Option<IdSource>,
+        context: &Value,
+    ) -> Result<String, String> {
+        match id {
+            Some(IdSource::Fixed(n)) => Ok(n.to_string()),
+            Some(IdSource::Template(_)) => self
+                .hb
+                .render(&id_template_name(&route.name, field), context)
+                .map_err(|e| format!("{field}: {}", render_error(&e))),
+            None => Err(format!("route {:?} has no {field}", route.name)),
+        }
+    }
+}
+
+/// The context a template sees: the event's JSON with `_event` beside it.
+pub fn event_context(payload: &Value, meta: &EventMeta) -> Value {
+    let mut context = match payload {
+        Value::Object(map) => map.clone(),
+        other => {
+            let mut map = serde_json::Map::new();
+            map.insert("payload".into(), other.clone());
+            map
+        }
+    };
+    context.insert(
+        "_event".into(),
+        serde_json::to_value(meta).unwrap_or(Value::Null),
+    );
+    Value::Object(context)
+}
+
+fn id_template_name(route: &str, field: &str) -> String {
+    format!("route:{route}:{field}")
+}
+
+fn hbs_files(dir: &Path, is_partial: bool) -> Vec<(std::path::PathBuf, bool)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "hbs"))
+        .map(|p| (p, is_partial))
+        .collect();
+    files.sort();
+    files
+}
+
+fn template_error(e: &handlebars::TemplateError) -> String {
+    let reason = e.reason().to_string();
+    match e.pos() {
+        Some((line, col)) => format!("line {line}, column {col}: {reason}"),
+        None => reason,
+    }
+}
+
+fn render_error(e: &handlebars::RenderError) -> String {
+    let mut text = match e.reason() {
+        handlebars::RenderErrorReason::MissingVariable(Some(path)) => {
+            format!("field {path:?} is missing from the event")
+        }
+        other => other.to_string(),
+    };
+    if let Some(line) = e.line_no {
+        text.push_str(&format!(" (line {line}"));
+        if let Some(col) = e.column_no {
+            text.push_str(&format!(", column {col}"));
+        }
+        text.push(')');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn renderer_with(name: &str, source: &str) -> (tempfile::TempDir, Renderer) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(format!("{name}.hbs")), source).unwrap();
+        let r = Renderer::load(dir.path()).unwrap();
+        (dir, r)
+    }
+
+    #[test]
+    fn text_is_not_html_escaped() {
+        let (_d, r) = renderer_with("t", "{{name}}");
+        let out = r
+            .render_text("t", &json!({"name": "Tom & \"Jerry\" <Ёж>"}))
+            .unwrap();
+        assert_eq!(out, "Tom & \"Jerry\" <Ёж>");
+    }
+
+    #[test]
+    fn a_missing_field_is_an_error_naming_it() {
+        let (_d, r) = renderer_with("t", "Трек: {{tracking.number}}");
+        let err = r.render_text("t", &json!({"tracking": {}})).unwrap_err();
+        assert!(err.contains("tracking.number"), "{err}");
+    }
+
+    #[test]
+    fn helpers_refuse_missing_arguments() {
+        let (_d, r) = renderer_with("t", "{{rub refund.amount}}");
+        let err = r.render_text("t", &json!({})).unwrap_err();
+        assert!(err.contains("refund.amount"), "{err}");
+        let (_d, r) = renderer_with("t", "{{default note \"нет\"}}");
+        assert_eq!(r.render_text("t", &json!({})).unwrap(), "нет");
+    }
+
+    #[test]
+    fn dates_render_in_the_given_zone() {
+        let (_d, r) = renderer_with("t", "{{date at \"%d.%m.%Y %H:%M\" \"Europe/Moscow\"}}");
+        let out = r
+            .render_text("t", &json!({"at": "2026-11-25T09:30:00Z"}))
+            .unwrap();
+        assert_eq!(out, "25.11.2026 12:30");
+    }
+
+    #[test]
+    fn broken_templates_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bad.hbs"), "ok\n{{#if x}}never closed").unwrap();
+        let problems = Renderer::load(dir.path()).err().unwrap();
+        assert!(problems[0].contains("bad.hbs"), "{problems:?}");
+    }
+}

@@ -1,0 +1,264 @@
+//! The one place state lives: events, their deliveries and every attempt.
+//! [`Store`] is the interface the rest of the service uses; SQLite is the
+//! embedded backend, and a second backend (PostgreSQL) fits behind the same
+//! trait. Guarantees every backend keeps:
+//! - an event and all its deliveries are written in one transaction, and
+//!   `insert_event` returns only once that commit is durable;
+//! - `(source, event id)` is unique: a repeat returns the stored event;
+//! - a claim leases deliveries (`sending`, `lease_until`) in a short
+//!   transaction, never across an HTTP call, and takes a delivery only when
+//!   no earlier delivery of its chat is still waiting or in flight;
+//! - stored times come from the caller (the injected clock).
+
+mod sqlite;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::clock::Millis;
+use crate::domain::{BusinessId, ChatId, DeliveryState};
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("the store is shut down")]
+    Closed,
+    #[error("{0}")]
+    Conflict(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+pub struct NewEvent {
+    pub source: String,
+    pub external_id: String,
+    pub event_type: String,
+    /// The body as received, already checked to be JSON.
+    pub payload: String,
+    pub received_at: Millis,
+    pub deliveries: Vec<NewDelivery>,
+}
+
+pub struct NewDelivery {
+    pub route: String,
+    pub template: String,
+    /// `Ok` when rendered: the delivery is queued; `Err(reason)`: it is `failed`.
+    pub rendered: Result<RenderedMessage, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RenderedMessage {
+    pub business_id: BusinessId,
+    pub chat_id: ChatId,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliverySummary {
+    pub id: i64,
+    pub route: String,
+    pub state: DeliveryState,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub id: i64,
+    pub source: String,
+    pub external_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub received_at: Millis,
+    pub deliveries: Vec<DeliverySummary>,
+}
+
+pub enum Inserted {
+    New(StoredEvent),
+    Duplicate(StoredEvent),
+}
+
+/// A delivery leased to this dispatcher.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub route: String,
+    pub business_id: BusinessId,
+    pub chat_id: ChatId,
+    pub text: String,
+    pub attempts: i64,
+    /// When it (last) entered the queue; its maximum age counts from here.
+    pub queued_at: Millis,
+}
+
+/// What an attempt ends in; each maps to one delivery state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Delivered,
+    /// Back to `queued`, to be tried at `at`.
+    Retry {
+        at: Millis,
+        reason: String,
+    },
+    /// 420: back to `queued` until `until`, not counted as an attempt.
+    Throttled {
+        until: Millis,
+    },
+    Dead {
+        reason: String,
+    },
+    Held {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ApiErrorEntry {
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub delivery_id: i64,
+    pub business_id: BusinessId,
+    pub started_at: Millis,
+    /// When the answer came; the quota counts a send from here, since the
+    /// Market may have counted it any time up to then.
+    pub finished_at: Millis,
+    pub latency_ms: i64,
+    pub http_status: Option<u16>,
+    pub api_errors: Vec<ApiErrorEntry>,
+    /// Transport failure (timeout, refused connection), when there was no answer.
+    pub error: Option<String>,
+    /// Whether the Market counted this request against the hourly quota.
+    pub counts_for_quota: bool,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRow {
+    pub at: String,
+    pub http_status: Option<u16>,
+    pub latency_ms: i64,
+    pub outcome: String,
+    pub api_errors: Vec<ApiErrorEntry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryRow {
+    pub id: i64,
+    pub event_id: i64,
+    pub source: String,
+    pub event_type: String,
+    pub route: String,
+    pub template: String,
+    pub business_id: Option<i64>,
+    pub chat_id: Option<i64>,
+    pub state: DeliveryState,
+    pub reason: Option<String>,
+    pub attempts: i64,
+    pub created_at: String,
+    pub next_attempt_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub state: Option<DeliveryState>,
+    pub business_id: Option<i64>,
+    pub chat_id: Option<i64>,
+    pub route: Option<String>,
+    pub source: Option<String>,
+    pub since: Option<Millis>,
+    pub until: Option<Millis>,
+    /// Page after this delivery id (ids ascend).
+    pub after_id: Option<i64>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct BusinessQueue {
+    pub business_id: i64,
+    pub queued: i64,
+    pub sending: i64,
+    pub held: i64,
+    pub dead: i64,
+    pub failed: i64,
+    pub oldest_queued_at: Option<Millis>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Writes the event and its deliveries in one durable transaction, or
+    /// returns the stored event when `(source, external_id)` is known.
+    async fn insert_event(&self, event: NewEvent) -> StoreResult<Inserted>;
+
+    /// Businesses with queued deliveries, with the earliest time one is due.
+    async fn queued_businesses(&self) -> StoreResult<Vec<(BusinessId, Millis)>>;
+
+    /// Leases up to `limit` due deliveries of the business, oldest first,
+    /// one chat's deliveries strictly in order. `held = true` takes from the
+    /// business's held deliveries instead (to probe whether its key works).
+    async fn claim(
+        &self,
+        business: BusinessId,
+        now: Millis,
+        lease_until: Millis,
+        limit: usize,
+        held: bool,
+    ) -> StoreResult<Vec<Claimed>>;
+
+    /// Records an attempt and moves its delivery to the verdict's state.
+    async fn record(&self, attempt: Attempt, now: Millis) -> StoreResult<()>;
+
+    /// Gives leased deliveries back to the queue untouched (shutdown).
+    async fn release(&self, ids: Vec<i64>, now: Millis) -> StoreResult<()>;
+
+    /// Finish times of the business's quota-counted sends after `since`, oldest first.
+    async fn sends_since(&self, business: BusinessId, since: Millis) -> StoreResult<Vec<Millis>>;
+
+    /// Returns deliveries whose lease expired (their dispatcher died) to the
+    /// queue, except `ours`: this process's sends still in flight.
+    async fn reclaim_expired(&self, now: Millis, ours: Vec<i64>) -> StoreResult<u64>;
+
+    /// Businesses with held deliveries.
+    async fn held_businesses(&self) -> StoreResult<Vec<BusinessId>>;
+
+    /// Moves every held delivery of the business back to the queue.
+    async fn release_held(&self, business: BusinessId, now: Millis) -> StoreResult<u64>;
+
+    async fn delivery(&self, id: i64) -> StoreResult<Option<(DeliveryRow, Vec<AttemptRow>)>>;
+    async fn list_deliveries(&self, filter: DeliveryFilter) -> StoreResult<Vec<DeliveryRow>>;
+    async fn event(&self, id: i64) -> StoreResult<Option<StoredEvent>>;
+    /// Puts a failed, dead or cancelled delivery back in the queue with new text.
+    async fn requeue(&self, id: i64, message: RenderedMessage, now: Millis) -> StoreResult<()>;
+    /// Marks a delivery failed again (it still does not render).
+    async fn mark_failed(&self, id: i64, reason: String, now: Millis) -> StoreResult<()>;
+    async fn cancel(&self, id: i64, now: Millis) -> StoreResult<()>;
+    async fn queue_summary(&self) -> StoreResult<Vec<BusinessQueue>>;
+    async fn state_counts(&self) -> StoreResult<Vec<(DeliveryState, i64)>>;
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+/// Opens the backend `storage.url` names.
+pub fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
+    match url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        Some(path) => Ok(std::sync::Arc::new(SqliteStore::open(
+            std::path::Path::new(path),
+        )?)),
+        None => Err(StoreError::Database(format!(
+            "storage.url {url:?}: only sqlite:// is supported by this build"
+        ))),
+    }
+}

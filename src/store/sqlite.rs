@@ -1,0 +1,796 @@
+//! SQLite backend. WAL with `synchronous=FULL`: a commit is on disk when it
+//! returns. One writer thread owns the write connection and batches every
+//! write waiting in its queue into one transaction (group commit), each
+//! write in its own savepoint so one failure does not undo the others;
+//! callers hear back only after the batch's commit. Reads use their own
+//! connections on the blocking pool.
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::clock::to_rfc3339;
+
+/// Writes waiting beyond this many go into the next transaction.
+const MAX_BATCH: usize = 1024;
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE events (
+    id          INTEGER PRIMARY KEY,
+    source      TEXT NOT NULL,
+    external_id TEXT NOT NULL,
+    event_type  TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    received_at INTEGER NOT NULL,
+    UNIQUE (source, external_id)
+);
+CREATE TABLE deliveries (
+    id              INTEGER PRIMARY KEY,
+    event_id        INTEGER NOT NULL REFERENCES events(id),
+    route           TEXT NOT NULL,
+    template        TEXT NOT NULL,
+    business_id     INTEGER,
+    chat_id         INTEGER,
+    text            TEXT,
+    state           TEXT NOT NULL,
+    reason          TEXT,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    created_at      INTEGER NOT NULL,
+    queued_at       INTEGER NOT NULL,
+    next_attempt_at INTEGER NOT NULL,
+    lease_until     INTEGER,
+    updated_at      INTEGER NOT NULL,
+    delivered_at    INTEGER
+);
+CREATE INDEX deliveries_due ON deliveries (business_id, next_attempt_at, id) WHERE state = 'queued';
+CREATE INDEX deliveries_chat_open ON deliveries (business_id, chat_id, id) WHERE state IN ('queued', 'sending', 'held');
+CREATE INDEX deliveries_leased ON deliveries (lease_until) WHERE state = 'sending';
+CREATE INDEX deliveries_held ON deliveries (business_id, id) WHERE state = 'held';
+CREATE INDEX deliveries_event ON deliveries (event_id);
+CREATE INDEX deliveries_state ON deliveries (state, id);
+CREATE TABLE attempts (
+    id           INTEGER PRIMARY KEY,
+    delivery_id  INTEGER NOT NULL REFERENCES deliveries(id),
+    business_id  INTEGER NOT NULL,
+    started_at   INTEGER NOT NULL,
+    finished_at  INTEGER NOT NULL,
+    latency_ms   INTEGER NOT NULL,
+    http_status  INTEGER,
+    outcome      TEXT NOT NULL,
+    api_errors   TEXT NOT NULL,
+    error        TEXT,
+    counts_quota INTEGER NOT NULL
+);
+CREATE INDEX attempts_delivery ON attempts (delivery_id, id);
+CREATE INDEX attempts_quota ON attempts (business_id, finished_at) WHERE counts_quota = 1;
+"#];
+
+type WriteFn<T> = Box<dyn FnOnce(&Connection) -> StoreResult<T> + Send>;
+
+/// A write waiting for the writer thread: runs inside the batch, answers after commit.
+trait WriteJob: Send {
+    fn run(&mut self, conn: &Connection);
+    fn finish(self: Box<Self>, committed: Result<(), String>);
+}
+
+struct Job<T> {
+    work: Option<WriteFn<T>>,
+    result: Option<StoreResult<T>>,
+    reply: oneshot::Sender<StoreResult<T>>,
+}
+
+impl<T: Send + 'static> WriteJob for Job<T> {
+    fn run(&mut self, conn: &Connection) {
+        let Some(work) = self.work.take() else { return };
+        let outcome = conn
+            .execute_batch("SAVEPOINT job")
+            .map_err(db_error)
+            .and_then(|_| work(conn));
+        let cleanup = if outcome.is_ok() {
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
+        };
+        let cleaned = conn.execute_batch(cleanup).map_err(db_error);
+        self.result = Some(cleaned.and(outcome));
+    }
+
+    fn finish(self: Box<Self>, committed: Result<(), String>) {
+        let answer = match committed {
+            Ok(()) => self.result.unwrap_or(Err(StoreError::Closed)),
+            Err(e) => Err(StoreError::Database(format!("commit failed: {e}"))),
+        };
+        let _ = self.reply.send(answer);
+    }
+}
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<mpsc::Sender<Box<dyn WriteJob>>>,
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+fn db_error(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn open_connection(path: &Path) -> StoreResult<Connection> {
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Database(format!("cannot open {}: {e}", path.display())))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA busy_timeout = 5000;
+         PRAGMA foreign_keys = ON;",
+    )
+    .map_err(db_error)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let version: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map_err(db_error)? as usize;
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::Database(format!(
+            "the database schema is version {version}, newer than this chatbridge knows ({}); upgrade chatbridge",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, script) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction().map_err(db_error)?;
+        tx.execute_batch(script).map_err(db_error)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))
+            .map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+    }
+    Ok(())
+}
+
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Box<dyn WriteJob>>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let committed = conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                for job in batch.iter_mut() {
+                    job.run(&conn);
+                }
+                conn.execute_batch("COMMIT").map_err(|e| {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    e.to_string()
+                })
+            });
+        for job in batch {
+            job.finish(committed.clone());
+        }
+    }
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Database(format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+        let mut conn = open_connection(path)?;
+        migrate(&mut conn)?;
+        let (tx, rx) = mpsc::channel::<Box<dyn WriteJob>>();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Database(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            writer: Mutex::new(tx),
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let (reply, answer) = oneshot::channel();
+        let job: Box<dyn WriteJob> = Box::new(Job {
+            work: Some(Box::new(work)),
+            result: None,
+            reply,
+        });
+        self.writer
+            .lock()
+            .map_err(|_| StoreError::Closed)?
+            .send(job)
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().ok().and_then(|mut pool| pool.pop());
+            let conn = match pooled {
+                Some(c) => c,
+                None => open_connection(&path)?,
+            };
+            let result = work(&conn);
+            if let Ok(mut pool) = readers.lock() {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("read task failed: {e}")))?
+    }
+}
+
+fn state_of(raw: String) -> DeliveryState {
+    // Only this module writes states, so an unknown one means a newer schema.
+    DeliveryState::parse(&raw).unwrap_or(DeliveryState::Failed)
+}
+
+fn event_by_key(
+    conn: &Connection,
+    source: &str,
+    external_id: &str,
+) -> StoreResult<Option<StoredEvent>> {
+    let id: Option<i64> = conn
+        .query_row(
+            "SELECT id FROM events WHERE source = ?1 AND external_id = ?2",
+            params![source, external_id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(db_error)?;
+    match id {
+        Some(id) => event_by_id(conn, id),
+        None => Ok(None),
+    }
+}
+
+fn event_by_id(conn: &Connection, id: i64) -> StoreResult<Option<StoredEvent>> {
+    let event = conn
+        .query_row(
+            "SELECT id, source, external_id, event_type, payload, received_at FROM events WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(StoredEvent {
+                    id: r.get(0)?,
+                    source: r.get(1)?,
+                    external_id: r.get(2)?,
+                    event_type: r.get(3)?,
+                    payload: r.get(4)?,
+                    received_at: r.get(5)?,
+                    deliveries: Vec::new(),
+                })
+            },
+        )
+        .optional()
+        .map_err(db_error)?;
+    let Some(mut event) = event else {
+        return Ok(None);
+    };
+    let mut stmt = conn
+        .prepare_cached("SELECT id, route, state FROM deliveries WHERE event_id = ?1 ORDER BY id")
+        .map_err(db_error)?;
+    event.deliveries = stmt
+        .query_map([id], |r| {
+            Ok(DeliverySummary {
+                id: r.get(0)?,
+                route: r.get(1)?,
+                state: state_of(r.get(2)?),
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(db_error)?;
+    Ok(Some(event))
+}
+
+const DELIVERY_COLUMNS: &str = "d.id, d.event_id, e.source, e.event_type, d.route, d.template, d.business_id, \
+     d.chat_id, d.state, d.reason, d.attempts, d.created_at, d.next_attempt_at, d.delivered_at, d.text";
+
+fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
+    Ok(DeliveryRow {
+        id: r.get(0)?,
+        event_id: r.get(1)?,
+        source: r.get(2)?,
+        event_type: r.get(3)?,
+        route: r.get(4)?,
+        template: r.get(5)?,
+        business_id: r.get(6)?,
+        chat_id: r.get(7)?,
+        state: state_of(r.get(8)?),
+        reason: r.get(9)?,
+        attempts: r.get(10)?,
+        created_at: to_rfc3339(r.get(11)?),
+        next_attempt_at: to_rfc3339(r.get(12)?),
+        delivered_at: r.get::<_, Option<i64>>(13)?.map(to_rfc3339),
+        text: r.get(14)?,
+    })
+}
+
+fn outcome_name(verdict: &Verdict) -> &'static str {
+    match verdict {
+        Verdict::Delivered => "delivered",
+        Verdict::Retry { .. } => "retry",
+        Verdict::Throttled { .. } => "throttled",
+        Verdict::Dead { .. } => "dead",
+        Verdict::Held { .. } => "held",
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_event(&self, event: NewEvent) -> StoreResult<Inserted> {
+        self.write(move |conn| {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO events (source, external_id, event_type, payload, received_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (source, external_id) DO NOTHING",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        event.source,
+                        event.external_id,
+                        event.event_type,
+                        event.payload,
+                        event.received_at
+                    ])
+                })
+                .map_err(db_error)?;
+            if inserted == 0 {
+                return event_by_key(conn, &event.source, &event.external_id)?
+                    .map(Inserted::Duplicate)
+                    .ok_or_else(|| StoreError::Database("duplicate event vanished".into()));
+            }
+            let event_id = conn.last_insert_rowid();
+            let mut stmt = conn
+                .prepare_cached(
+                    "INSERT INTO deliveries (event_id, route, template, business_id, chat_id, text, state,
+                         reason, created_at, queued_at, next_attempt_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?9)",
+                )
+                .map_err(db_error)?;
+            let mut deliveries = Vec::with_capacity(event.deliveries.len());
+            for d in &event.deliveries {
+                let (business, chat, text, state, reason) = match &d.rendered {
+                    Ok(m) => (Some(m.business_id.0), Some(m.chat_id.0), Some(m.text.as_str()), DeliveryState::Queued, None),
+                    Err(why) => (None, None, None, DeliveryState::Failed, Some(why.as_str())),
+                };
+                stmt.execute(params![
+                    event_id,
+                    d.route,
+                    d.template,
+                    business,
+                    chat,
+                    text,
+                    state.as_str(),
+                    reason,
+                    event.received_at
+                ])
+                .map_err(db_error)?;
+                deliveries.push(DeliverySummary {
+                    id: conn.last_insert_rowid(),
+                    route: d.route.clone(),
+                    state,
+                });
+            }
+            Ok(Inserted::New(StoredEvent {
+                id: event_id,
+                source: event.source,
+                external_id: event.external_id,
+                event_type: event.event_type,
+                payload: event.payload,
+                received_at: event.received_at,
+                deliveries,
+            }))
+        })
+        .await
+    }
+
+    async fn queued_businesses(&self) -> StoreResult<Vec<(BusinessId, Millis)>> {
+        // A skip-scan over the due index: one probe per business, however
+        // long the queue.
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "WITH RECURSIVE b(id) AS (
+                        SELECT (SELECT MIN(business_id) FROM deliveries WHERE state = 'queued')
+                        UNION ALL
+                        SELECT (SELECT MIN(business_id) FROM deliveries
+                                WHERE state = 'queued' AND business_id > b.id)
+                        FROM b WHERE b.id IS NOT NULL
+                     )
+                     SELECT id, (SELECT MIN(next_attempt_at) FROM deliveries
+                                 WHERE state = 'queued' AND business_id = b.id)
+                     FROM b WHERE id IS NOT NULL",
+                )
+                .map_err(db_error)?;
+            stmt.query_map([], |r| Ok((BusinessId(r.get(0)?), r.get(1)?)))
+                .and_then(|rows| rows.collect())
+                .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        business: BusinessId,
+        now: Millis,
+        lease_until: Millis,
+        limit: usize,
+        held: bool,
+    ) -> StoreResult<Vec<Claimed>> {
+        self.write(move |conn| {
+            // The earliest open delivery of each chat goes first: a later one
+            // waits while an earlier one is queued, sending or held.
+            let sql = if held {
+                "SELECT d.id FROM deliveries d
+                 WHERE d.state = 'held' AND d.business_id = ?1
+                 ORDER BY d.id LIMIT ?3"
+            } else {
+                "SELECT d.id FROM deliveries d
+                 WHERE d.state = 'queued' AND d.business_id = ?1 AND d.next_attempt_at <= ?2
+                   AND NOT EXISTS (
+                     SELECT 1 FROM deliveries p
+                     WHERE p.business_id = d.business_id AND p.chat_id = d.chat_id AND p.id < d.id
+                       AND p.state IN ('queued', 'sending', 'held'))
+                 ORDER BY d.next_attempt_at, d.id LIMIT ?3"
+            };
+            let ids: Vec<i64> = conn
+                .prepare_cached(sql)
+                .and_then(|mut s| {
+                    s.query_map(params![business.0, now, limit as i64], |r| r.get(0))?
+                        .collect()
+                })
+                .map_err(db_error)?;
+            let mut claimed = Vec::with_capacity(ids.len());
+            let mut lease = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET state = 'sending', lease_until = ?2, updated_at = ?3
+                     WHERE id = ?1
+                     RETURNING id, route, business_id, chat_id, text, attempts, queued_at",
+                )
+                .map_err(db_error)?;
+            for id in ids {
+                let c = lease
+                    .query_row(params![id, lease_until, now], |r| {
+                        Ok(Claimed {
+                            id: r.get(0)?,
+                            route: r.get(1)?,
+                            business_id: BusinessId(r.get(2)?),
+                            chat_id: ChatId(r.get(3)?),
+                            text: r.get(4)?,
+                            attempts: r.get(5)?,
+                            queued_at: r.get(6)?,
+                        })
+                    })
+                    .map_err(db_error)?;
+                claimed.push(c);
+            }
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn record(&self, attempt: Attempt, now: Millis) -> StoreResult<()> {
+        self.write(move |conn| {
+            let errors = serde_json::to_string(&attempt.api_errors).unwrap_or_else(|_| "[]".into());
+            conn.prepare_cached(
+                "INSERT INTO attempts (delivery_id, business_id, started_at, finished_at, latency_ms,
+                     http_status, outcome, api_errors, error, counts_quota)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    attempt.delivery_id,
+                    attempt.business_id.0,
+                    attempt.started_at,
+                    attempt.finished_at,
+                    attempt.latency_ms,
+                    attempt.http_status,
+                    outcome_name(&attempt.verdict),
+                    errors,
+                    attempt.error,
+                    attempt.counts_for_quota
+                ])
+            })
+            .map_err(db_error)?;
+            let counted = i64::from(!matches!(attempt.verdict, Verdict::Throttled { .. }));
+            let (state, reason, next, delivered_at) = match &attempt.verdict {
+                Verdict::Delivered => (DeliveryState::Delivered, None, now, Some(now)),
+                Verdict::Retry { at, reason } => (DeliveryState::Queued, Some(reason.clone()), *at, None),
+                Verdict::Throttled { until } => (DeliveryState::Queued, None, *until, None),
+                Verdict::Dead { reason } => (DeliveryState::Dead, Some(reason.clone()), now, None),
+                Verdict::Held { reason } => (DeliveryState::Held, Some(reason.clone()), now, None),
+            };
+            conn.prepare_cached(
+                "UPDATE deliveries SET state = ?2, reason = COALESCE(?3, reason), next_attempt_at = ?4,
+                     delivered_at = ?5, attempts = attempts + ?6, lease_until = NULL, updated_at = ?7
+                 WHERE id = ?1",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    attempt.delivery_id,
+                    state.as_str(),
+                    reason,
+                    next,
+                    delivered_at,
+                    counted,
+                    now
+                ])
+            })
+            .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn release(&self, ids: Vec<i64>, now: Millis) -> StoreResult<()> {
+        self.write(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET state = 'queued', lease_until = NULL, updated_at = ?2
+                     WHERE id = ?1 AND state = 'sending'",
+                )
+                .map_err(db_error)?;
+            for id in ids {
+                stmt.execute(params![id, now]).map_err(db_error)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn sends_since(&self, business: BusinessId, since: Millis) -> StoreResult<Vec<Millis>> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT finished_at FROM attempts
+                 WHERE business_id = ?1 AND finished_at > ?2 AND counts_quota = 1
+                 ORDER BY finished_at",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![business.0, since], |r| r.get(0))?
+                    .collect()
+            })
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn reclaim_expired(&self, now: Millis, ours: Vec<i64>) -> StoreResult<u64> {
+        self.write(move |conn| {
+            let ours = serde_json::to_string(&ours).unwrap_or_else(|_| "[]".into());
+            conn.execute(
+                "UPDATE deliveries SET state = 'queued', lease_until = NULL, updated_at = ?1
+                 WHERE state = 'sending' AND lease_until < ?1
+                   AND id NOT IN (SELECT value FROM json_each(?2))",
+                params![now, ours],
+            )
+            .map(|n| n as u64)
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn held_businesses(&self) -> StoreResult<Vec<BusinessId>> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT DISTINCT business_id FROM deliveries WHERE state = 'held'")
+                .and_then(|mut s| s.query_map([], |r| Ok(BusinessId(r.get(0)?)))?.collect())
+                .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn release_held(&self, business: BusinessId, now: Millis) -> StoreResult<u64> {
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE deliveries SET state = 'queued', next_attempt_at = ?2, updated_at = ?2
+                 WHERE state = 'held' AND business_id = ?1",
+                params![business.0, now],
+            )
+            .map(|n| n as u64)
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn delivery(&self, id: i64) -> StoreResult<Option<(DeliveryRow, Vec<AttemptRow>)>> {
+        self.read(move |conn| {
+            let row = conn
+                .query_row(
+                    &format!("SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.id = ?1"),
+                    [id],
+                    delivery_row,
+                )
+                .optional()
+                .map_err(db_error)?;
+            let Some(row) = row else { return Ok(None) };
+            let attempts = conn
+                .prepare_cached(
+                    "SELECT started_at, http_status, latency_ms, outcome, api_errors, error
+                     FROM attempts WHERE delivery_id = ?1 ORDER BY id",
+                )
+                .and_then(|mut s| {
+                    s.query_map([id], |r| {
+                        let errors: String = r.get(4)?;
+                        Ok(AttemptRow {
+                            at: to_rfc3339(r.get(0)?),
+                            http_status: r.get(1)?,
+                            latency_ms: r.get(2)?,
+                            outcome: r.get(3)?,
+                            api_errors: serde_json::from_str(&errors).unwrap_or_default(),
+                            error: r.get(5)?,
+                        })
+                    })?
+                    .collect()
+                })
+                .map_err(db_error)?;
+            Ok(Some((row, attempts)))
+        })
+        .await
+    }
+
+    async fn list_deliveries(&self, filter: DeliveryFilter) -> StoreResult<Vec<DeliveryRow>> {
+        self.read(move |conn| {
+            let mut sql = format!("SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id WHERE 1 = 1");
+            let mut args: Vec<rusqlite::types::Value> = Vec::new();
+            let mut add = |clause: &str, value: rusqlite::types::Value| {
+                args.push(value);
+                sql.push_str(&format!(" AND {clause} ?{}", args.len()));
+            };
+            if let Some(s) = filter.state {
+                add("d.state =", s.as_str().to_owned().into());
+            }
+            if let Some(b) = filter.business_id {
+                add("d.business_id =", b.into());
+            }
+            if let Some(c) = filter.chat_id {
+                add("d.chat_id =", c.into());
+            }
+            if let Some(r) = filter.route {
+                add("d.route =", r.into());
+            }
+            if let Some(s) = filter.source {
+                add("e.source =", s.into());
+            }
+            if let Some(t) = filter.since {
+                add("d.created_at >=", t.into());
+            }
+            if let Some(t) = filter.until {
+                add("d.created_at <", t.into());
+            }
+            if let Some(a) = filter.after_id {
+                add("d.id >", a.into());
+            }
+            sql.push_str(&format!(" ORDER BY d.id LIMIT {}", filter.limit.max(1)));
+            let mut stmt = conn.prepare(&sql).map_err(db_error)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args), delivery_row)
+                .and_then(|rows| rows.collect())
+                .map_err(db_error)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn event(&self, id: i64) -> StoreResult<Option<StoredEvent>> {
+        self.read(move |conn| event_by_id(conn, id)).await
+    }
+
+    async fn requeue(&self, id: i64, message: RenderedMessage, now: Millis) -> StoreResult<()> {
+        self.write(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE deliveries SET state = 'queued', business_id = ?2, chat_id = ?3, text = ?4,
+                         reason = NULL, queued_at = ?5, next_attempt_at = ?5, updated_at = ?5
+                     WHERE id = ?1 AND state IN ('failed', 'dead', 'cancelled')",
+                    params![id, message.business_id.0, message.chat_id.0, message.text, now],
+                )
+                .map_err(db_error)?;
+            if changed == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "delivery {id} is not failed, dead or cancelled"
+                )));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn mark_failed(&self, id: i64, reason: String, now: Millis) -> StoreResult<()> {
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE deliveries SET state = 'failed', reason = ?2, updated_at = ?3
+                 WHERE id = ?1 AND state IN ('failed', 'dead', 'cancelled')",
+                params![id, reason, now],
+            )
+            .map(|_| ())
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn cancel(&self, id: i64, now: Millis) -> StoreResult<()> {
+        self.write(move |conn| {
+            let changed = conn
+                .execute(
+                    "UPDATE deliveries SET state = 'cancelled', reason = 'cancelled by an operator',
+                         updated_at = ?2
+                     WHERE id = ?1 AND state IN ('queued', 'held')",
+                    params![id, now],
+                )
+                .map_err(db_error)?;
+            if changed == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "delivery {id} is not queued or held (a delivery being sent cannot be cancelled)"
+                )));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn queue_summary(&self) -> StoreResult<Vec<BusinessQueue>> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT business_id,
+                        SUM(state = 'queued'), SUM(state = 'sending'), SUM(state = 'held'),
+                        SUM(state = 'dead'), SUM(state = 'failed'),
+                        MIN(CASE WHEN state = 'queued' THEN queued_at END)
+                 FROM deliveries WHERE business_id IS NOT NULL
+                   AND state IN ('queued', 'sending', 'held', 'dead', 'failed')
+                 GROUP BY business_id ORDER BY business_id",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok(BusinessQueue {
+                        business_id: r.get(0)?,
+                        queued: r.get(1)?,
+                        sending: r.get(2)?,
+                        held: r.get(3)?,
+                        dead: r.get(4)?,
+                        failed: r.get(5)?,
+                        oldest_queued_at: r.get(6)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn state_counts(&self) -> StoreResult<Vec<(DeliveryState, i64)>> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
+                .and_then(|mut s| {
+                    s.query_map([], |r| Ok((state_of(r.get(0)?), r.get(1)?)))?
+                        .collect()
+                })
+                .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(db_error))
+            .await
+    }
+}

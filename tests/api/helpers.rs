@@ -1,0 +1,292 @@
+//! `spawn_app()`: the real service on a random loopback port, with a fresh
+//! SQLite file and the fake Market on another port. Tests talk HTTP to both.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chatbridge::app::{Application, BuildOptions};
+use chatbridge::clock::{Clock, ManualClock, SharedClock, SystemClock};
+use chatbridge::market::fake::{FakeConfig, FakeMarket};
+use chatbridge::pipeline::Pipeline;
+use chatbridge::settings::Settings;
+use serde_json::Value;
+
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const API_KEY: &str = "test-api-key";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What a test may change before the app starts.
+pub struct TestOptions {
+    pub fake: FakeConfig,
+    /// `None`: the system clock.
+    pub clock: Option<Arc<ManualClock>>,
+    /// Files to write over the copied `config/` and `templates/` (paths
+    /// relative to the temp root, e.g. "templates/x.hbs", "config/routes.toml").
+    pub files: Vec<(String, String)>,
+    pub tweak: Option<Box<dyn FnOnce(&mut Settings)>>,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        Self {
+            fake: FakeConfig {
+                api_keys: vec![API_KEY.into()],
+                ..FakeConfig::default()
+            },
+            clock: None,
+            files: Vec::new(),
+            tweak: None,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub market: FakeMarket,
+    pub clock: SharedClock,
+    pub manual_clock: Option<Arc<ManualClock>>,
+    pub root: tempfile::TempDir,
+    pub client: awc::Client,
+    handle: actix_web::dev::ServerHandle,
+    server: actix_rt::task::JoinHandle<std::io::Result<()>>,
+    tweak_again: Settings,
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(TestOptions::default()).await
+}
+
+pub async fn spawn_app_with(options: TestOptions) -> TestApp {
+    let root = tempfile::tempdir().unwrap();
+    copy_dir(&repo().join("config"), &root.path().join("config"));
+    copy_dir(&repo().join("templates"), &root.path().join("templates"));
+    for (path, contents) in &options.files {
+        let target = root.path().join(path);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::write(target, contents).unwrap();
+    }
+    let clock: SharedClock = match &options.clock {
+        Some(c) => c.clone(),
+        None => Arc::new(SystemClock),
+    };
+    let market = FakeMarket::start("127.0.0.1:0", options.fake, clock.clone()).unwrap();
+    let mut settings = Settings::load(&root.path().join("config")).unwrap();
+    settings.storage.url = format!("sqlite://{}", root.path().join("chatbridge.db").display());
+    settings.templates.dir = root.path().join("templates");
+    settings.market.base_url = market.base_url();
+    settings.market.api_key = Some(API_KEY.to_owned().into());
+    settings.admin.token = Some(ADMIN_TOKEN.to_owned().into());
+    settings.server.listen = "127.0.0.1:0".into();
+    settings.server.workers = 2;
+    if let Some(tweak) = options.tweak {
+        tweak(&mut settings);
+    }
+    start(root, market, clock, options.clock, settings).await
+}
+
+async fn start(
+    root: tempfile::TempDir,
+    market: FakeMarket,
+    clock: SharedClock,
+    manual_clock: Option<Arc<ManualClock>>,
+    settings: Settings,
+) -> TestApp {
+    let pipeline =
+        Pipeline::from_settings(settings.clone()).unwrap_or_else(|p| panic!("{}", p.join("\n")));
+    let app = Application::build(
+        pipeline,
+        BuildOptions {
+            clock: clock.clone(),
+            handle_signals: false,
+        },
+    )
+    .unwrap();
+    let base = format!("http://{}", app.addr());
+    let handle = app.handle();
+    let server = actix_rt::spawn(app.run_until_stopped());
+    TestApp {
+        base,
+        market,
+        clock,
+        manual_clock,
+        root,
+        client: awc::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .finish(),
+        handle,
+        server,
+        tweak_again: settings,
+    }
+}
+
+impl TestApp {
+    /// Stops the service gracefully and starts it again on the same
+    /// database, configuration and fake Market.
+    pub async fn restart(self) -> TestApp {
+        self.handle.stop(true).await;
+        let _ = self.server.await;
+        start(
+            self.root,
+            self.market,
+            self.clock,
+            self.manual_clock,
+            self.tweak_again,
+        )
+        .await
+    }
+
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+        let _ = self.server.await;
+        self.market.stop().await;
+    }
+
+    /// Posts an event signed with the shipped `oms` secret.
+    pub async fn post_event(&self, source: &str, body: &Value) -> (u16, Value) {
+        let text = body.to_string();
+        let id = format!("msg_{}", rand_id());
+        let ts = self.clock.now_ms() / 1000;
+        let sig = chatbridge::ingest::signature::sign(SECRET, &id, ts, text.as_bytes()).unwrap();
+        self.post_raw(
+            &format!("/hooks/{source}"),
+            &[
+                ("content-type", "application/json".into()),
+                ("webhook-id", id),
+                ("webhook-timestamp", ts.to_string()),
+                ("webhook-signature", sig),
+            ],
+            text.into_bytes(),
+        )
+        .await
+    }
+
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut req = self.client.post(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            req = req.insert_header((*k, v.as_str()));
+        }
+        let mut resp = req.send_body(body).await.expect("request failed");
+        let status = resp.status().as_u16();
+        let bytes = resp.body().limit(16 << 20).await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (u16, Value) {
+        let mut resp = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .insert_header(("authorization", format!("Bearer {ADMIN_TOKEN}")))
+            .send()
+            .await
+            .expect("request failed");
+        let status = resp.status().as_u16();
+        let bytes = resp.body().limit(16 << 20).await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    pub async fn admin_post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let mut resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .insert_header(("authorization", format!("Bearer {ADMIN_TOKEN}")))
+            .send_json(body)
+            .await
+            .expect("request failed");
+        let status = resp.status().as_u16();
+        let bytes = resp.body().limit(16 << 20).await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// The delivery with its attempts, from the admin API.
+    pub async fn delivery(&self, id: i64) -> Value {
+        let (status, body) = self.admin_get(&format!("/admin/deliveries/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Waits (real time, bounded) until the delivery reaches `state`.
+    pub async fn wait_for_state(&self, id: i64, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let body = self.delivery(id).await;
+            if body["delivery"]["state"] == state {
+                return body;
+            }
+            if Instant::now() > deadline {
+                panic!("delivery {id} never reached {state}: {body:#}");
+            }
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (real time, bounded) until the fake Market has `n` delivered messages.
+    pub async fn wait_for_delivered(
+        &self,
+        n: usize,
+    ) -> Vec<chatbridge::market::fake::ReceivedRequest> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.market.delivered();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            actix_rt::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Moves the manual clock forward (panics with the system clock).
+    pub fn advance(&self, by: Duration) {
+        self.manual_clock
+            .as_ref()
+            .expect("spawn_app_with a manual clock")
+            .advance(by);
+    }
+}
+
+pub fn rand_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A sample event shipped in `examples/events/oms/`.
+pub fn sample(name: &str) -> Value {
+    let text =
+        std::fs::read_to_string(repo().join(format!("examples/events/oms/{name}.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
