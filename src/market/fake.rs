@@ -74,6 +74,10 @@ pub struct ReceivedRequest {
     pub message: String,
     pub at: Millis,
     pub status: u16,
+    /// The request as it came, for checking it against the OpenAPI spec.
+    pub path_and_query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -314,6 +318,20 @@ async fn send_message(
         message: message.unwrap_or_default(),
         at: now,
         status,
+        path_and_query: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                let value = if k.as_str().eq_ignore_ascii_case(HEADER_API_KEY) {
+                    "<redacted>".to_owned()
+                } else {
+                    v.to_str().unwrap_or("").to_owned()
+                };
+                (k.as_str().to_owned(), value)
+            })
+            .collect(),
+        body: String::from_utf8_lossy(&body).into_owned(),
     });
     {
         let mut stats = lock(&state.stats);
