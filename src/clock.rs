@@ -2,10 +2,11 @@
 //! backoff, leases, stored timestamps) reads an injected [`Clock`], so tests
 //! can run hours of quota in milliseconds with a [`ManualClock`].
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch, the unit of every stored time.
@@ -45,6 +46,24 @@ impl Clock for SystemClock {
 pub struct ManualClock {
     now: AtomicI64,
     ticks: tokio::sync::watch::Sender<Millis>,
+    /// Deadlines of the sleeps now pending, so a test can jump straight to
+    /// the next moment something is waiting for (as tokio's paused time does).
+    sleepers: Arc<Mutex<BTreeMap<u64, Millis>>>,
+    next_sleeper: AtomicU64,
+}
+
+/// Removes a sleep's deadline when the sleep ends or is dropped.
+struct SleeperGuard {
+    sleepers: Arc<Mutex<BTreeMap<u64, Millis>>>,
+    id: u64,
+}
+
+impl Drop for SleeperGuard {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.sleepers.lock() {
+            s.remove(&self.id);
+        }
+    }
 }
 
 impl ManualClock {
@@ -53,7 +72,21 @@ impl ManualClock {
         Arc::new(Self {
             now: AtomicI64::new(start),
             ticks,
+            sleepers: Arc::default(),
+            next_sleeper: AtomicU64::new(0),
         })
+    }
+
+    /// The earliest deadline anyone is sleeping until, if any is in the future.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        let now = self.now_ms();
+        self.sleepers
+            .lock()
+            .ok()?
+            .values()
+            .copied()
+            .filter(|&d| d > now)
+            .min()
     }
 
     pub fn advance(&self, by: Duration) {
@@ -75,7 +108,16 @@ impl Clock for ManualClock {
 
     fn sleep_until(&self, deadline: Millis) -> Sleep {
         let mut ticks = self.ticks.subscribe();
+        let id = self.next_sleeper.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut s) = self.sleepers.lock() {
+            s.insert(id, deadline);
+        }
+        let guard = SleeperGuard {
+            sleepers: self.sleepers.clone(),
+            id,
+        };
         Box::pin(async move {
+            let _guard = guard;
             while *ticks.borrow_and_update() < deadline {
                 if ticks.changed().await.is_err() {
                     return;

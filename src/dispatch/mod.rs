@@ -308,6 +308,9 @@ async fn round(
         if claimed.len() == want {
             // There may be more due right now.
             wake_at = now;
+        } else if let Some(due) = shared.store.next_due(business, now).await? {
+            // What is left waits for a retry time (or its chat's turn).
+            wake_at = wake_at.min(due);
         }
         for delivery in claimed {
             match permits.clone().try_acquire_owned() {

@@ -48,6 +48,15 @@ pub async fn receive(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
     let is_json = header(&req, "content-type").is_some_and(|ct| {
         let media = ct
             .split(';')
@@ -64,15 +73,6 @@ pub async fn receive(
             "unsupported_media_type",
             "send the event with Content-Type: application/json",
         ));
-    }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
     }
     let now = state.clock.now_ms();
     let headers = AuthHeaders {

@@ -94,7 +94,7 @@ pub fn verify_signature(
         .trim()
         .parse()
         .map_err(|_| AuthError::BadTimestamp)?;
-    if (now / 1000 - seconds).abs() > TOLERANCE_SECS {
+    if (now / 1000).abs_diff(seconds) > TOLERANCE_SECS as u64 {
         return Err(AuthError::StaleTimestamp);
     }
     let presented: Vec<Vec<u8>> = signatures

@@ -318,7 +318,11 @@ async fn send_message(
         message: message.unwrap_or_default(),
         at: now,
         status,
-        path_and_query: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+        path_and_query: req
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
         headers: req
             .headers()
             .iter()
@@ -352,14 +356,19 @@ async fn send_message(
     } else {
         json!({"status": "ERROR", "errors": errors})
     };
-    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default())
-        .insert_header((HEADER_LIMIT, config.hourly_limit.to_string()))
-        .insert_header((
-            HEADER_REMAINING,
-            config.hourly_limit.saturating_sub(used).to_string(),
-        ))
-        .insert_header((HEADER_UNTIL, format_until(until)))
-        .json(body)
+    let mut response =
+        HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default());
+    // With its limit off, the fake names no limit (rather than "0 remaining").
+    if config.hourly_limit > 0 {
+        response
+            .insert_header((HEADER_LIMIT, config.hourly_limit.to_string()))
+            .insert_header((
+                HEADER_REMAINING,
+                config.hourly_limit.saturating_sub(used).to_string(),
+            ))
+            .insert_header((HEADER_UNTIL, format_until(until)));
+    }
+    response.json(body)
 }
 
 /// Counts one send in the business's fixed window; false when it is full.

@@ -216,6 +216,10 @@ pub trait Store: Send + Sync + 'static {
         held: bool,
     ) -> StoreResult<Vec<Claimed>>;
 
+    /// The earliest future time a delivery of the business that is first in
+    /// its chat becomes due (a retry or a 420 wait), if any.
+    async fn next_due(&self, business: BusinessId, now: Millis) -> StoreResult<Option<Millis>>;
+
     /// Records an attempt and moves its delivery to the verdict's state.
     async fn record(&self, attempt: Attempt, now: Millis) -> StoreResult<()>;
 

@@ -489,6 +489,25 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn next_due(&self, business: BusinessId, now: Millis) -> StoreResult<Option<Millis>> {
+        // Only deliveries waiting for a later time are scanned: the few
+        // being retried or throttled, not the backlog.
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT MIN(d.next_attempt_at) FROM deliveries d
+                 WHERE d.state = 'queued' AND d.business_id = ?1 AND d.next_attempt_at > ?2
+                   AND NOT EXISTS (
+                     SELECT 1 FROM deliveries p
+                     WHERE p.business_id = d.business_id AND p.chat_id = d.chat_id AND p.id < d.id
+                       AND p.state IN ('queued', 'sending', 'held'))",
+                params![business.0, now],
+                |r| r.get(0),
+            )
+            .map_err(db_error)
+        })
+        .await
+    }
+
     async fn record(&self, attempt: Attempt, now: Millis) -> StoreResult<()> {
         self.write(move |conn| {
             let errors = serde_json::to_string(&attempt.api_errors).unwrap_or_else(|_| "[]".into());

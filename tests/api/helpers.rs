@@ -290,3 +290,62 @@ pub fn sample(name: &str) -> Value {
         std::fs::read_to_string(repo().join(format!("examples/events/oms/{name}.json"))).unwrap();
     serde_json::from_str(&text).unwrap()
 }
+
+/// `config/routes.toml` as shipped, with `extra` routes appended, for
+/// `TestOptions::files`.
+pub fn shipped_routes_plus(extra: &str) -> (String, String) {
+    let shipped = std::fs::read_to_string(repo().join("config/routes.toml")).unwrap();
+    ("config/routes.toml".into(), format!("{shipped}\n{extra}\n"))
+}
+
+/// `config/chatbridge.toml` as shipped, with `extra` appended.
+pub fn shipped_settings_plus(extra: &str) -> (String, String) {
+    let shipped = std::fs::read_to_string(repo().join("config/chatbridge.toml")).unwrap();
+    (
+        "config/chatbridge.toml".into(),
+        format!("{shipped}\n{extra}\n"),
+    )
+}
+
+/// Standard Webhooks headers signing `body` with the shipped secret at
+/// Unix time `ts` (seconds), plus `Content-Type: application/json`.
+pub fn signed_headers(body: &[u8], ts: i64) -> Vec<(&'static str, String)> {
+    let id = format!("msg_{}", rand_id());
+    let sig = chatbridge::ingest::signature::sign(SECRET, &id, ts, body).unwrap();
+    vec![
+        ("content-type", "application/json".into()),
+        ("webhook-id", id),
+        ("webhook-timestamp", ts.to_string()),
+        ("webhook-signature", sig),
+    ]
+}
+
+impl TestApp {
+    /// Waits (real time, bounded) until the delivery's admin view
+    /// (`{"delivery", "attempts", "event"}`) satisfies `done`.
+    pub async fn wait_for_delivery(
+        &self,
+        id: i64,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let body = self.delivery(id).await;
+            if done(&body) {
+                return body;
+            }
+            if Instant::now() > deadline {
+                panic!("delivery {id} never got {what}: {body:#}");
+            }
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every stored delivery (up to 1000), from `GET /admin/deliveries`.
+    pub async fn all_deliveries(&self) -> Vec<Value> {
+        let (status, body) = self.admin_get("/admin/deliveries?limit=1000").await;
+        assert_eq!(status, 200, "{body}");
+        body["deliveries"].as_array().cloned().unwrap_or_default()
+    }
+}

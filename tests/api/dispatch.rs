@@ -1,0 +1,306 @@
+//! Delivery under pressure: quota, fairness, per-chat order, the in-flight
+//! cap. Time runs on a manual clock that jumps to the next moment the
+//! dispatcher waits for, so hours of quota take seconds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chatbridge::clock::{Clock, ManualClock};
+use chatbridge::market::fake::FakeConfig;
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::helpers::*;
+
+const START: i64 = 1_795_000_000_000;
+
+/// One route taking `burst.*` events to `{{businessId}}`/`{{chatId}}` with the text `msg {{seq}}`.
+fn burst_files() -> Vec<(String, String)> {
+    vec![
+        (
+            "config/routes.toml".into(),
+            r#"
+[[routes]]
+name = "burst"
+event = "burst.*"
+template = "burst"
+business_id = "{{businessId}}"
+chat_id = "{{chatId}}"
+"#
+            .into(),
+        ),
+        ("templates/burst.hbs".into(), "msg {{seq}}".into()),
+    ]
+}
+
+fn options(fake: FakeConfig, limit: u32, window_secs: u64) -> (TestOptions, Arc<ManualClock>) {
+    let clock = ManualClock::new(START);
+    let options = TestOptions {
+        fake: FakeConfig {
+            api_keys: vec![API_KEY.into()],
+            ..fake
+        },
+        clock: Some(clock.clone()),
+        files: burst_files(),
+        tweak: Some(Box::new(move |s| {
+            s.market.hourly_limit = limit;
+            s.market.quota_window_secs = window_secs;
+            // Leases must outlast the clock jumps a test makes while a send is in flight.
+            s.dispatch.lease_secs = 100_000;
+        })),
+    };
+    (options, clock)
+}
+
+/// Posts `burst.N` events concurrently; (business, chat, seq) each.
+async fn post_burst(app: &TestApp, events: &[(i64, i64, usize)]) {
+    let results: Vec<u16> = futures_util::stream::iter(events.iter().map(|&(business, chat, seq)| {
+        let body = json!({"id": format!("e-{business}-{seq}"), "type": "burst.go", "businessId": business, "chatId": chat, "seq": seq});
+        async move { app.post_event("oms", &body).await.0 }
+    }))
+    .buffer_unordered(32)
+    .collect()
+    .await;
+    assert!(
+        results.iter().all(|&s| s == 202),
+        "some posts failed: {:?}",
+        results.iter().filter(|&&s| s != 202).count()
+    );
+}
+
+/// Lets the service work until nothing happens for a moment, then moves
+/// the clock to the next deadline someone sleeps until. Stops when the
+/// Market has `target` messages or after a bounded number of steps.
+async fn drive(app: &TestApp, clock: &ManualClock, target: usize) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let mut seen = app.market.requests().len();
+        loop {
+            actix_rt::time::sleep(Duration::from_millis(15)).await;
+            let now_seen = app.market.requests().len();
+            if now_seen == seen {
+                break;
+            }
+            seen = now_seen;
+        }
+        if app.market.delivered().len() >= target {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stuck at {} of {target} delivered",
+            app.market.delivered().len()
+        );
+        if let Some(next) = clock.next_deadline() {
+            clock.set(next);
+        }
+    }
+}
+
+/// Every window of `window_ms` holds at most `limit` sends.
+fn assert_never_over(times: &[i64], limit: usize, window_ms: i64) {
+    let mut times = times.to_vec();
+    times.sort();
+    for i in 0..times.len().saturating_sub(limit) {
+        assert!(
+            times[i + limit] - times[i] >= window_ms,
+            "{} sends within {} ms starting at send {i}",
+            limit + 1,
+            times[i + limit] - times[i]
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn a_burst_of_5000_drains_at_the_full_quota_without_a_420_across_a_restart() {
+    let (limit, window_secs, total) = (100usize, 10u64, 5000usize);
+    let (opts, clock) = options(
+        FakeConfig {
+            hourly_limit: limit as u32,
+            window_secs,
+            ..FakeConfig::default()
+        },
+        limit as u32,
+        window_secs,
+    );
+    let app = spawn_app_with(opts).await;
+    let events: Vec<_> = (0..total)
+        .map(|seq| (111, 1000 + (seq % 500) as i64, seq))
+        .collect();
+    post_burst(&app, &events).await;
+
+    drive(&app, &clock, total / 2).await;
+    let app = app.restart().await;
+    drive(&app, &clock, total).await;
+
+    let delivered = app.market.delivered();
+    let mut seqs: Vec<usize> = delivered
+        .iter()
+        .map(|m| m.message[4..].parse().unwrap())
+        .collect();
+    seqs.sort();
+    assert_eq!(
+        seqs,
+        (0..total).collect::<Vec<_>>(),
+        "every message exactly once"
+    );
+    let stats = app.market.stats();
+    assert_eq!(
+        stats.by_status.get(&420),
+        None,
+        "no 420 from the Market: {stats:?}"
+    );
+    let times: Vec<i64> = delivered.iter().map(|m| m.at).collect();
+    let window_ms = window_secs as i64 * 1000;
+    assert_never_over(&times, limit, window_ms);
+    let span = times.iter().max().unwrap() - times.iter().min().unwrap();
+    let best = ((total + limit - 1) / limit - 1) as i64 * window_ms;
+    let use_of_quota = best as f64 / span as f64;
+    assert!(
+        use_of_quota >= 0.95,
+        "used {:.1}% of the allowed rate ({span} ms for what needs {best} ms)",
+        use_of_quota * 100.0
+    );
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_restart_does_not_reset_the_quota() {
+    let (opts, clock) = options(
+        FakeConfig {
+            hourly_limit: 0,
+            ..FakeConfig::default()
+        },
+        10,
+        3600,
+    );
+    let app = spawn_app_with(opts).await;
+    post_burst(&app, &(0..15).map(|seq| (111, 7, seq)).collect::<Vec<_>>()).await;
+    drive(&app, &clock, 10).await;
+    let app = app.restart().await;
+    actix_rt::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.market.delivered().len(),
+        10,
+        "the restarted service must remember the 10 sends of this hour"
+    );
+    clock.advance(Duration::from_secs(3600));
+    let got = app.wait_for_delivered(15).await;
+    assert_eq!(got.len(), 15);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_business_with_a_backlog_does_not_delay_another() {
+    let (opts, _clock) = options(
+        FakeConfig {
+            hourly_limit: 0,
+            ..FakeConfig::default()
+        },
+        10,
+        3600,
+    );
+    let app = spawn_app_with(opts).await;
+    post_burst(
+        &app,
+        &(0..200)
+            .map(|seq| (111, 1 + seq as i64, seq))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    post_burst(
+        &app,
+        &(0..5)
+            .map(|seq| (222, 1 + seq as i64, 1000 + seq))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let got = app.wait_for_delivered(15).await;
+    let per_business = got.iter().fold(HashMap::new(), |mut m, r| {
+        *m.entry(r.business_id).or_insert(0) += 1;
+        m
+    });
+    assert_eq!(per_business.get(&222), Some(&5), "{per_business:?}");
+    assert_eq!(per_business.get(&111), Some(&10), "{per_business:?}");
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn each_chat_gets_its_messages_in_order_despite_random_500s() {
+    let (opts, clock) = options(
+        FakeConfig {
+            hourly_limit: 0,
+            failure_rate: 0.3,
+            ..FakeConfig::default()
+        },
+        1000,
+        3600,
+    );
+    let app = spawn_app_with(opts).await;
+    let events: Vec<_> = (0..100)
+        .map(|seq| (111, 1 + (seq % 5) as i64, seq))
+        .collect();
+    // Posted one at a time so acceptance order is the sequence order.
+    for &(b, c, seq) in &events {
+        let body = json!({"id": format!("o-{seq}"), "type": "burst.go", "businessId": b, "chatId": c, "seq": seq});
+        assert_eq!(app.post_event("oms", &body).await.0, 202);
+    }
+    drive(&app, &clock, 100).await;
+    let delivered = app.market.delivered();
+    assert!(
+        app.market.stats().by_status.get(&500).copied().unwrap_or(0) > 0,
+        "the Market did fail sometimes"
+    );
+    let mut per_chat: HashMap<i64, Vec<usize>> = HashMap::new();
+    for m in &delivered {
+        per_chat
+            .entry(m.chat_id)
+            .or_default()
+            .push(m.message[4..].parse().unwrap());
+    }
+    for (chat, seqs) in per_chat {
+        let expected: Vec<usize> = (0..100).filter(|s| 1 + (s % 5) as i64 == chat).collect();
+        assert_eq!(
+            seqs, expected,
+            "chat {chat} got its messages out of order or twice"
+        );
+    }
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn no_more_than_four_requests_of_a_business_are_in_flight() {
+    let (opts, _clock) = options(
+        FakeConfig {
+            hourly_limit: 0,
+            latency_ms: 30,
+            ..FakeConfig::default()
+        },
+        1000,
+        3600,
+    );
+    let app = spawn_app_with(opts).await;
+    post_burst(
+        &app,
+        &(0..60)
+            .map(|seq| (111, 1 + seq as i64, seq))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    assert_eq!(app.wait_for_delivered(60).await.len(), 60);
+    let stats = app.market.stats();
+    let peak = stats.max_in_flight_seen[&111];
+    assert!(peak <= 4, "{peak} requests in flight at once");
+    assert!(
+        peak >= 2,
+        "sends should run in parallel, saw at most {peak}"
+    );
+    assert_eq!(stats.by_status.get(&420), None);
+    let _ = clock_now_is_unchanged(&app);
+    app.stop().await;
+}
+
+fn clock_now_is_unchanged(app: &TestApp) -> bool {
+    app.clock.now_ms() == START
+}
