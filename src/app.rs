@@ -17,7 +17,10 @@ use tokio::sync::Notify;
 use crate::api_error::ApiError;
 use crate::clock::SharedClock;
 use crate::pipeline::Pipeline;
+use crate::reload::{self, ReloadState, SettingsLoader};
+use crate::settings::Settings;
 use crate::store::Store;
+use crate::telemetry::Metrics;
 use crate::{admin, dispatch, ingest};
 
 /// What request handlers share.
@@ -28,6 +31,10 @@ pub struct AppState {
     pub clock: SharedClock,
     /// Tells the dispatcher new work is queued.
     pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    /// Reads the configuration again for a reload.
+    pub loader: SettingsLoader,
+    pub reload: ReloadState,
 }
 
 pub struct Application {
@@ -36,12 +43,17 @@ pub struct Application {
     handle: ServerHandle,
     pub state: web::Data<AppState>,
     dispatcher: dispatch::DispatcherHandle,
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 pub struct BuildOptions {
     pub clock: SharedClock,
-    /// Let actix stop the server on SIGINT/SIGTERM (the `serve` command).
+    /// Let actix stop the server on SIGINT/SIGTERM, and reload on SIGHUP
+    /// (the `serve` command).
     pub handle_signals: bool,
+    /// How a reload reads the configuration; `None`: the files and
+    /// environment the pipeline was loaded from.
+    pub loader: Option<SettingsLoader>,
 }
 
 impl Application {
@@ -59,13 +71,22 @@ impl Application {
             n => n,
         };
         let shutdown_timeout = settings.server.shutdown_timeout_secs;
+        let watch = settings.server.watch_config;
+        let loader = options.loader.unwrap_or_else(|| {
+            let dir = settings.config_dir.clone();
+            Arc::new(move || Settings::load(&dir).map_err(|e| vec![e.to_string()]))
+        });
         let pipeline = Arc::new(ArcSwap::from_pointee(pipeline));
         let wake = Arc::new(Notify::new());
+        let metrics = Arc::new(Metrics::new());
         let state = web::Data::new(AppState {
             pipeline: pipeline.clone(),
             store: store.clone(),
             clock: options.clock.clone(),
             wake: wake.clone(),
+            metrics: metrics.clone(),
+            loader,
+            reload: ReloadState::default(),
         });
         let data = state.clone();
         let mut server = HttpServer::new(move || {
@@ -83,6 +104,7 @@ impl Application {
                 .route("/hooks/{source}", web::post().to(ingest::receive))
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
+                .route("/metrics", web::get().to(metrics_text))
                 .service(admin::scope())
                 .default_service(web::to(not_found))
         })
@@ -90,19 +112,27 @@ impl Application {
         .shutdown_timeout(shutdown_timeout)
         .bind(&listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (server.listen): {e}"))?;
-        if !options.handle_signals {
+        if options.handle_signals {
+            reload::on_sighup(state.clone());
+        } else {
             server = server.disable_signals();
         }
+        let watcher = if watch {
+            reload::watch(state.clone())
+        } else {
+            None
+        };
         let addr = server.addrs()[0];
         let server = server.run();
         let handle = server.handle();
-        let dispatcher = dispatch::spawn(store, pipeline, options.clock, wake);
+        let dispatcher = dispatch::spawn(store, pipeline, options.clock, wake, metrics);
         Ok(Self {
             addr,
             server,
             handle,
             state,
             dispatcher,
+            _watcher: watcher,
         })
     }
 
@@ -135,14 +165,59 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
+/// Ready when the store answers and a configuration is loaded; names the
+/// configuration in force and the last reload's failure, if any.
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let version = state.pipeline.load().version.clone();
+    let reload = state
+        .reload
+        .status
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
     match state.store.ping().await {
-        Ok(()) => HttpResponse::Ok().json(json!({"status": "ready", "config_version": version})),
+        Ok(()) => HttpResponse::Ok().json(json!({
+            "status": "ready", "config_version": version, "reload": reload
+        })),
         Err(e) => HttpResponse::ServiceUnavailable().json(json!({
-            "status": "unavailable", "config_version": version, "store": e.to_string()
+            "status": "unavailable", "config_version": version, "reload": reload, "store": e.to_string()
         })),
     }
+}
+
+async fn metrics_text(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let now = state.clock.now_ms();
+    let summary = state.store.queue_summary().await?;
+    let m = &state.metrics;
+    m.queue_depth.reset();
+    m.oldest_pending_age.reset();
+    let mut totals = [0i64; 5];
+    for b in &summary {
+        let label = b.business_id.to_string();
+        m.queue_depth
+            .with_label_values(&[&label])
+            .set(b.queued + b.held);
+        let age = b
+            .oldest_queued_at
+            .map(|t| (now - t).max(0) / 1000)
+            .unwrap_or(0);
+        m.oldest_pending_age.with_label_values(&[&label]).set(age);
+        for (total, n) in totals
+            .iter_mut()
+            .zip([b.queued, b.sending, b.held, b.dead, b.failed])
+        {
+            *total += n;
+        }
+    }
+    for (state_name, n) in ["queued", "sending", "held", "dead", "failed"]
+        .iter()
+        .zip(totals)
+    {
+        m.deliveries.with_label_values(&[state_name]).set(n);
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(m.render()))
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

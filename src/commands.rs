@@ -254,6 +254,7 @@ pub async fn serve(config_dir: &Path) -> i32 {
         BuildOptions {
             clock: Arc::new(SystemClock),
             handle_signals: true,
+            loader: None,
         },
     ) {
         Ok(app) => app,
@@ -350,6 +351,7 @@ async fn run_demo(config_dir: &Path, examples: &Path) -> anyhow::Result<i32> {
     settings.market.base_url = market.base_url();
     settings.market.api_key = Some("demo-api-key".to_owned().into());
     settings.server.listen = "127.0.0.1:0".into();
+    settings.server.watch_config = false;
     let pipeline = Pipeline::from_settings(settings).map_err(|p| anyhow::anyhow!(p.join("\n")))?;
     let (samples, problems) = sample_events(&pipeline.settings, examples);
     for p in &problems {
@@ -361,6 +363,7 @@ async fn run_demo(config_dir: &Path, examples: &Path) -> anyhow::Result<i32> {
         BuildOptions {
             clock: clock.clone(),
             handle_signals: false,
+            loader: None,
         },
     )?;
     let base = format!("http://{}", app.addr());

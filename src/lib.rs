@@ -12,6 +12,7 @@ pub mod domain;
 pub mod ingest;
 pub mod market;
 pub mod pipeline;
+pub mod reload;
 pub mod render;
 pub mod routes;
 pub mod settings;

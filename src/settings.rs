@@ -58,6 +58,8 @@ pub struct ServerSettings {
     pub workers: usize,
     /// How long in-flight requests and sends may take to finish on shutdown.
     pub shutdown_timeout_secs: u64,
+    /// Reload routes, templates and settings when their files change.
+    pub watch_config: bool,
 }
 
 impl Default for ServerSettings {
@@ -67,6 +69,7 @@ impl Default for ServerSettings {
             max_body_bytes: 262_144,
             workers: 0,
             shutdown_timeout_secs: 10,
+            watch_config: true,
         }
     }
 }

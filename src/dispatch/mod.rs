@@ -38,6 +38,7 @@ use crate::domain::{BusinessId, ChatId};
 use crate::market::client::{MarketClient, TransportError};
 use crate::pipeline::Pipeline;
 use crate::store::{Attempt, Claimed, Store, StoreError, Verdict};
+use crate::telemetry::Metrics;
 use quota::QuotaLog;
 use retry::{decide, next_attempt, Decision};
 
@@ -76,7 +77,10 @@ struct Shared {
     pipeline: Arc<ArcSwap<Pipeline>>,
     clock: SharedClock,
     wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
     client: MarketClient,
+    /// The configuration version last seen; a new one re-probes held businesses.
+    seen_version: RefCell<String>,
     businesses: RefCell<HashMap<BusinessId, Business>>,
     in_flight: RefCell<HashSet<i64>>,
     idle: Notify,
@@ -88,6 +92,7 @@ pub fn spawn(
     pipeline: Arc<ArcSwap<Pipeline>>,
     clock: SharedClock,
     wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
 ) -> DispatcherHandle {
     let settings = &pipeline.load().settings;
     let client = MarketClient::new(
@@ -99,7 +104,9 @@ pub fn spawn(
         pipeline: pipeline.clone(),
         clock,
         wake,
+        metrics,
         client,
+        seen_version: RefCell::new(pipeline.load().version.clone()),
         businesses: RefCell::default(),
         in_flight: RefCell::default(),
         idle: Notify::new(),
@@ -227,6 +234,27 @@ async fn round(
         *next_reclaim = now + lease_ms / 2;
     }
     let mut wake_at = now + lease_ms / 2;
+    if *shared.seen_version.borrow() != pipeline.version {
+        // A reload may carry a fixed key: probe held businesses now.
+        *shared.seen_version.borrow_mut() = pipeline.version.clone();
+        for b in shared.businesses.borrow_mut().values_mut() {
+            b.next_probe_at = now;
+        }
+    }
+    for (id, b) in shared.businesses.borrow_mut().iter_mut() {
+        let label = id.to_string();
+        let used = b.quota.used(now) as i64;
+        shared
+            .metrics
+            .quota_used
+            .with_label_values(&[&label])
+            .set(used);
+        shared
+            .metrics
+            .quota_limit
+            .with_label_values(&[&label])
+            .set(b.quota.limit() as i64);
+    }
 
     let held: Vec<BusinessId> = shared
         .businesses
@@ -449,6 +477,7 @@ async fn send(
         verdict
     };
 
+    count_attempt(&shared.metrics, &claimed, &result, &verdict, latency_ms);
     log_attempt(
         &claimed,
         answer.map(|a| a.status),
@@ -517,6 +546,47 @@ async fn record_patiently(shared: &Rc<Shared>, attempt: Attempt) {
         delivery = attempt.delivery_id,
         "gave up recording an attempt; the delivery stays leased and will be sent again when its lease expires"
     );
+}
+
+fn count_attempt(
+    metrics: &Metrics,
+    claimed: &Claimed,
+    result: &Option<Result<crate::market::client::MarketAnswer, TransportError>>,
+    verdict: &Verdict,
+    latency_ms: i64,
+) {
+    let business = claimed.business_id.to_string();
+    if let Some(result) = result {
+        metrics
+            .send_latency
+            .with_label_values(&[&business])
+            .observe(latency_ms as f64 / 1000.0);
+        match result {
+            Ok(a) if a.errors.is_empty() => metrics
+                .market_requests
+                .with_label_values(&[&a.status.to_string(), ""])
+                .inc(),
+            Ok(a) => {
+                for e in &a.errors {
+                    metrics
+                        .market_requests
+                        .with_label_values(&[&a.status.to_string(), &e.code])
+                        .inc();
+                }
+            }
+            Err(_) => metrics
+                .market_requests
+                .with_label_values(&["none", ""])
+                .inc(),
+        }
+    }
+    let state = match verdict {
+        Verdict::Delivered => "delivered",
+        Verdict::Retry { .. } | Verdict::Throttled { .. } => "queued",
+        Verdict::Dead { .. } => "dead",
+        Verdict::Held { .. } => "held",
+    };
+    metrics.deliveries_total.with_label_values(&[state]).inc();
 }
 
 fn log_attempt(

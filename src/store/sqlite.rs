@@ -713,6 +713,36 @@ impl Store for SqliteStore {
         self.read(move |conn| event_by_id(conn, id)).await
     }
 
+    async fn recent_events(&self, limit: usize) -> StoreResult<Vec<StoredEvent>> {
+        self.read(move |conn| {
+            let ids: Vec<i64> = conn
+                .prepare_cached("SELECT id FROM events ORDER BY id DESC LIMIT ?1")
+                .and_then(|mut s| s.query_map([limit as i64], |r| r.get(0))?.collect())
+                .map_err(db_error)?;
+            let mut events = Vec::with_capacity(ids.len());
+            for id in ids {
+                events.extend(event_by_id(conn, id)?);
+            }
+            Ok(events)
+        })
+        .await
+    }
+
+    async fn sends_per_business(&self, since: Millis) -> StoreResult<Vec<(i64, i64)>> {
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT business_id, COUNT(*) FROM attempts
+                 WHERE counts_quota = 1 AND finished_at > ?1 GROUP BY business_id",
+            )
+            .and_then(|mut s| {
+                s.query_map([since], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect()
+            })
+            .map_err(db_error)
+        })
+        .await
+    }
+
     async fn requeue(&self, id: i64, message: RenderedMessage, now: Millis) -> StoreResult<()> {
         self.write(move |conn| {
             let changed = conn

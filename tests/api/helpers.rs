@@ -28,7 +28,7 @@ pub struct TestOptions {
     /// Files to write over the copied `config/` and `templates/` (paths
     /// relative to the temp root, e.g. "templates/x.hbs", "config/routes.toml").
     pub files: Vec<(String, String)>,
-    pub tweak: Option<Box<dyn FnOnce(&mut Settings)>>,
+    pub tweak: Option<Box<dyn Fn(&mut Settings) + Send + Sync>>,
 }
 
 impl Default for TestOptions {
@@ -54,10 +54,10 @@ pub struct TestApp {
     pub client: awc::Client,
     handle: actix_web::dev::ServerHandle,
     server: actix_rt::task::JoinHandle<std::io::Result<()>>,
-    tweak_again: Settings,
+    loader: chatbridge::reload::SettingsLoader,
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap().flatten() {
         let target = to.join(entry.file_name());
@@ -87,18 +87,25 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
         None => Arc::new(SystemClock),
     };
     let market = FakeMarket::start("127.0.0.1:0", options.fake, clock.clone()).unwrap();
-    let mut settings = Settings::load(&root.path().join("config")).unwrap();
-    settings.storage.url = format!("sqlite://{}", root.path().join("chatbridge.db").display());
-    settings.templates.dir = root.path().join("templates");
-    settings.market.base_url = market.base_url();
-    settings.market.api_key = Some(API_KEY.to_owned().into());
-    settings.admin.token = Some(ADMIN_TOKEN.to_owned().into());
-    settings.server.listen = "127.0.0.1:0".into();
-    settings.server.workers = 2;
-    if let Some(tweak) = options.tweak {
-        tweak(&mut settings);
-    }
-    start(root, market, clock, options.clock, settings).await
+    // What the test sets in code, applied again on every reload.
+    let (dir, market_url, tweak) = (root.path().to_path_buf(), market.base_url(), options.tweak);
+    let loader: chatbridge::reload::SettingsLoader = Arc::new(move || {
+        let mut settings = Settings::load(&dir.join("config")).map_err(|e| vec![e.to_string()])?;
+        settings.storage.url = format!("sqlite://{}", dir.join("chatbridge.db").display());
+        settings.templates.dir = dir.join("templates");
+        settings.market.base_url = market_url.clone();
+        settings.market.api_key = Some(API_KEY.to_owned().into());
+        settings.admin.token = Some(ADMIN_TOKEN.to_owned().into());
+        settings.server.listen = "127.0.0.1:0".into();
+        settings.server.workers = 2;
+        // Tests reload on purpose, through the admin API.
+        settings.server.watch_config = false;
+        if let Some(tweak) = &tweak {
+            tweak(&mut settings);
+        }
+        Ok(settings)
+    });
+    start(root, market, clock, options.clock, loader).await
 }
 
 async fn start(
@@ -106,15 +113,16 @@ async fn start(
     market: FakeMarket,
     clock: SharedClock,
     manual_clock: Option<Arc<ManualClock>>,
-    settings: Settings,
+    loader: chatbridge::reload::SettingsLoader,
 ) -> TestApp {
-    let pipeline =
-        Pipeline::from_settings(settings.clone()).unwrap_or_else(|p| panic!("{}", p.join("\n")));
+    let settings = loader().unwrap_or_else(|p| panic!("{}", p.join("\n")));
+    let pipeline = Pipeline::from_settings(settings).unwrap_or_else(|p| panic!("{}", p.join("\n")));
     let app = Application::build(
         pipeline,
         BuildOptions {
             clock: clock.clone(),
             handle_signals: false,
+            loader: Some(loader.clone()),
         },
     )
     .unwrap();
@@ -132,7 +140,7 @@ async fn start(
             .finish(),
         handle,
         server,
-        tweak_again: settings,
+        loader,
     }
 }
 
@@ -147,7 +155,7 @@ impl TestApp {
             self.market,
             self.clock,
             self.manual_clock,
-            self.tweak_again,
+            self.loader,
         )
         .await
     }

@@ -16,3 +16,6 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
     };
 }
+
+mod metrics;
+pub use metrics::Metrics;
