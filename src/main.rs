@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use chatbridge::admin::cli as admin_cli;
 use chatbridge::commands;
 use chatbridge::market::fake::FakeConfig;
 
@@ -65,6 +66,23 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         latency_ms: u64,
     },
+    /// Inspect and retry deliveries of a running instance (admin API).
+    Deliveries {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(subcommand)]
+        action: DeliveriesAction,
+    },
+    /// Queue, quota and drain estimate per business of a running instance.
+    Queue {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Ask a running instance to reload its configuration.
+    Reload {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
     /// The bridge and the fake Market in one process: post the samples, print what buyers get.
     Demo {
         #[arg(long, default_value = "config")]
@@ -72,6 +90,67 @@ enum Command {
         #[arg(long, default_value = "examples/events")]
         examples: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// The running chatbridge.
+    #[arg(long, env = "CHATBRIDGE_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The admin token.
+    #[arg(long, env = "CHATBRIDGE__ADMIN__TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(clap::Args)]
+struct FilterArgs {
+    /// queued, sending, delivered, held, dead, failed or cancelled.
+    #[arg(long)]
+    state: Option<String>,
+    #[arg(long)]
+    business: Option<i64>,
+    #[arg(long)]
+    chat: Option<i64>,
+    #[arg(long)]
+    route: Option<String>,
+    #[arg(long)]
+    source: Option<String>,
+    /// RFC 3339 time: created at or after.
+    #[arg(long)]
+    since: Option<String>,
+    /// RFC 3339 time: created before.
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum DeliveriesAction {
+    /// List deliveries, oldest first.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Page after this delivery id.
+        #[arg(long)]
+        after: Option<i64>,
+    },
+    /// One delivery with its event, text and every attempt.
+    Show { id: i64 },
+    /// Re-render and queue again: one delivery by id, or all failed/dead/cancelled ones matching the filter.
+    Retry {
+        id: Option<i64>,
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+}
+
+fn admin_call(target: TargetArgs, run: impl AsyncFnOnce(&admin_cli::Target) -> i32) -> i32 {
+    let target = admin_cli::Target {
+        url: target.url,
+        token: target.token,
+    };
+    actix_rt::System::new().block_on(async move { run(&target).await })
 }
 
 fn main() -> ExitCode {
@@ -87,6 +166,35 @@ fn main() -> ExitCode {
         Command::Demo { config, examples } => {
             actix_rt::System::new().block_on(commands::demo(&config, &examples))
         }
+        Command::Deliveries { target, action } => match action {
+            DeliveriesAction::List { filter, after } => admin_call(target, async move |t| {
+                let query = [
+                    ("state", filter.state),
+                    ("business_id", filter.business.map(|v| v.to_string())),
+                    ("chat_id", filter.chat.map(|v| v.to_string())),
+                    ("route", filter.route),
+                    ("source", filter.source),
+                    ("since", filter.since),
+                    ("until", filter.until),
+                    ("limit", filter.limit.map(|v| v.to_string())),
+                    ("after", after.map(|v| v.to_string())),
+                ];
+                admin_cli::list(t, &query).await
+            }),
+            DeliveriesAction::Show { id } => {
+                admin_call(target, async move |t| admin_cli::show(t, id).await)
+            }
+            DeliveriesAction::Retry { id, filter } => admin_call(target, async move |t| {
+                let body = serde_json::json!({
+                    "state": filter.state, "business_id": filter.business, "chat_id": filter.chat,
+                    "route": filter.route, "source": filter.source, "since": filter.since,
+                    "until": filter.until, "limit": filter.limit,
+                });
+                admin_cli::retry(t, id, body).await
+            }),
+        },
+        Command::Queue { target } => admin_call(target, async |t| admin_cli::queue(t).await),
+        Command::Reload { target } => admin_call(target, async |t| admin_cli::reload(t).await),
         Command::FakeMarket {
             listen,
             api_keys,

@@ -242,6 +242,12 @@ pub trait Store: Send + Sync + 'static {
     async fn delivery(&self, id: i64) -> StoreResult<Option<(DeliveryRow, Vec<AttemptRow>)>>;
     async fn list_deliveries(&self, filter: DeliveryFilter) -> StoreResult<Vec<DeliveryRow>>;
     async fn event(&self, id: i64) -> StoreResult<Option<StoredEvent>>;
+    /// The event a source sent with this id.
+    async fn event_by_source_id(
+        &self,
+        source: String,
+        external_id: String,
+    ) -> StoreResult<Option<StoredEvent>>;
     /// The most recent events, newest first (for a reload's regression check).
     async fn recent_events(&self, limit: usize) -> StoreResult<Vec<StoredEvent>>;
     /// Quota-counted sends per business after `since`.

@@ -713,6 +713,15 @@ impl Store for SqliteStore {
         self.read(move |conn| event_by_id(conn, id)).await
     }
 
+    async fn event_by_source_id(
+        &self,
+        source: String,
+        external_id: String,
+    ) -> StoreResult<Option<StoredEvent>> {
+        self.read(move |conn| event_by_key(conn, &source, &external_id))
+            .await
+    }
+
     async fn recent_events(&self, limit: usize) -> StoreResult<Vec<StoredEvent>> {
         self.read(move |conn| {
             let ids: Vec<i64> = conn
