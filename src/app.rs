@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
+use actix_web::dev::Service;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use arc_swap::ArcSwap;
 use serde_json::json;
@@ -71,6 +72,9 @@ impl Application {
             n => n,
         };
         let shutdown_timeout = settings.server.shutdown_timeout_secs;
+        let client_request_timeout = settings.server.client_request_timeout_ms;
+        let keep_alive = settings.server.keep_alive_secs;
+        let max_connections = settings.server.max_connections;
         let watch = settings.server.watch_config;
         let loader = options.loader.unwrap_or_else(|| {
             let dir = settings.config_dir.clone();
@@ -91,6 +95,23 @@ impl Application {
         let data = state.clone();
         let mut server = HttpServer::new(move || {
             App::new()
+                .wrap_fn(|req, srv| {
+                    // A bug must cost one request, never the worker: a
+                    // panic becomes an opaque 500 and the service lives on.
+                    use futures_util::FutureExt;
+                    let http = req.request().clone();
+                    std::panic::AssertUnwindSafe(srv.call(req))
+                        .catch_unwind()
+                        .map(move |outcome| match outcome {
+                            Ok(response) => response,
+                            Err(_) => Ok(actix_web::dev::ServiceResponse::new(
+                                http,
+                                actix_web::ResponseError::error_response(&ApiError::internal(
+                                    "a request handler panicked",
+                                )),
+                            )),
+                        })
+                })
                 .app_data(data.clone())
                 .app_data(web::JsonConfig::default().error_handler(|err, _| {
                     ApiError::bad_request(format!("invalid JSON body: {err}")).into()
@@ -110,6 +131,9 @@ impl Application {
         })
         .workers(workers)
         .shutdown_timeout(shutdown_timeout)
+        .client_request_timeout(Duration::from_millis(client_request_timeout))
+        .keep_alive(Duration::from_secs(keep_alive))
+        .max_connections(max_connections)
         .bind(&listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (server.listen): {e}"))?;
         if options.handle_signals {

@@ -60,6 +60,14 @@ pub struct ServerSettings {
     pub shutdown_timeout_secs: u64,
     /// Reload routes, templates and settings when their files change.
     pub watch_config: bool,
+    /// Deepest JSON nesting accepted in a webhook body.
+    pub max_json_depth: usize,
+    /// A client must send its whole request head within this time (else 408).
+    pub client_request_timeout_ms: u64,
+    /// Idle keep-alive connections are closed after this long.
+    pub keep_alive_secs: u64,
+    /// Open connections per worker; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl Default for ServerSettings {
@@ -70,6 +78,10 @@ impl Default for ServerSettings {
             workers: 0,
             shutdown_timeout_secs: 10,
             watch_config: true,
+            max_json_depth: 32,
+            client_request_timeout_ms: 5000,
+            keep_alive_secs: 5,
+            max_connections: 10_000,
         }
     }
 }
@@ -78,12 +90,16 @@ impl Default for ServerSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
     pub url: String,
+    /// Finished events (and their deliveries and attempts) are deleted
+    /// after this many days; until then a repeated event id is a duplicate.
+    pub retention_days: u64,
 }
 
 impl Default for StorageSettings {
     fn default() -> Self {
         Self {
             url: "sqlite://data/chatbridge.db".into(),
+            retention_days: 30,
         }
     }
 }
@@ -327,6 +343,20 @@ impl Settings {
         let mut out = Vec::new();
         if self.server.max_body_bytes == 0 {
             out.push("server.max_body_bytes must be at least 1".into());
+        }
+        if self.storage.retention_days == 0 {
+            out.push("storage.retention_days must be at least 1 (it is also how long duplicates are recognised)".into());
+        }
+        if self.server.max_json_depth == 0 || self.server.max_connections == 0 {
+            out.push(
+                "server.max_json_depth and server.max_connections must each be at least 1".into(),
+            );
+        }
+        if self.dispatch.lease_secs <= self.market.request_timeout_secs {
+            out.push(format!(
+                "dispatch.lease_secs ({}) must be longer than market.request_timeout_secs ({}), or a slow send could be leased twice",
+                self.dispatch.lease_secs, self.market.request_timeout_secs
+            ));
         }
         if !self.storage.url.starts_with("sqlite:") {
             out.push(format!(

@@ -213,6 +213,29 @@ async fn ensure_business(shared: &Rc<Shared>, business: BusinessId) -> Result<()
     Ok(())
 }
 
+/// Deletes what outlived the retention, a batch at a time so the writer
+/// is never held long.
+async fn prune(shared: &Rc<Shared>, now: Millis, retention_days: u64) -> Result<(), StoreError> {
+    const BATCH: usize = 2000;
+    let before = now - (retention_days * 86_400_000) as Millis;
+    let mut total = 0;
+    loop {
+        let n = shared.store.prune(before, BATCH).await?;
+        total += n;
+        if n < BATCH as u64 {
+            break;
+        }
+    }
+    if total > 0 {
+        tracing::info!(
+            events = total,
+            retention_days,
+            "pruned finished events past the retention"
+        );
+    }
+    Ok(())
+}
+
 /// One pass over the businesses with work; returns when to look again.
 async fn round(
     shared: &Rc<Shared>,
@@ -232,6 +255,7 @@ async fn round(
             );
         }
         *next_reclaim = now + lease_ms / 2;
+        prune(shared, now, pipeline.settings.storage.retention_days).await?;
     }
     let mut wake_at = now + lease_ms / 2;
     if *shared.seen_version.borrow() != pipeline.version {

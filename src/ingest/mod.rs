@@ -17,6 +17,7 @@ use crate::app::AppState;
 use crate::clock::to_rfc3339;
 use crate::pipeline::hex;
 use crate::render::EventMeta;
+use crate::settings::SourceSettings;
 use crate::store::{Inserted, NewDelivery, NewEvent, RenderedMessage, StoredEvent};
 use signature::AuthHeaders;
 
@@ -84,39 +85,16 @@ pub async fn receive(
     signature::verify(source_settings, headers, &body, now)
         .map_err(|e| ApiError::new(401, "unauthorized", e.to_string()))?;
 
-    let event: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            400,
-            "invalid_json",
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
-    if !event.is_object() {
-        return Err(ApiError::new(
-            400,
-            "invalid_json",
-            "the event must be a JSON object",
-        ));
-    }
-    let event_type = match event.pointer(&source_settings.event_type) {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        _ => {
-            return Err(ApiError::new(
-                400,
-                "missing_event_type",
-                format!(
-                    "no event type (a non-empty string) at {:?}",
-                    source_settings.event_type
-                ),
-            ))
-        }
-    };
-    let event_id = source_settings
-        .event_id
-        .as_deref()
-        .and_then(|p| scalar_text(event.pointer(p)?))
-        .or_else(|| headers.webhook_id.map(str::to_owned))
-        .unwrap_or_else(|| hex(&Sha256::digest(&body)));
+    let ParsedEvent {
+        payload: event,
+        event_type,
+        event_id,
+    } = parse_event(
+        source_settings,
+        &body,
+        headers.webhook_id,
+        pipeline.settings.server.max_json_depth,
+    )?;
 
     let meta = EventMeta {
         source: source.clone(),
@@ -156,6 +134,98 @@ pub async fn receive(
         }
         Inserted::Duplicate(stored) => HttpResponse::Ok().json(answer(&stored, true)),
     })
+}
+
+/// An event as the core sees it: its JSON, type and id.
+#[derive(Debug)]
+pub struct ParsedEvent {
+    pub payload: Value,
+    pub event_type: String,
+    pub event_id: String,
+}
+
+/// Parses a verified body: JSON no deeper than `max_depth`, an object, with
+/// a non-empty string at the source's event-type pointer. The id comes
+/// from the event-id pointer, else the `webhook-id` header, else the
+/// body's SHA-256 (so a byte-identical repeat is still a duplicate).
+pub fn parse_event(
+    source: &SourceSettings,
+    body: &[u8],
+    webhook_id: Option<&str>,
+    max_depth: usize,
+) -> Result<ParsedEvent, ApiError> {
+    if json_depth(body) > max_depth {
+        return Err(ApiError::new(
+            400,
+            "json_too_deep",
+            format!("the JSON nests deeper than {max_depth} levels (server.max_json_depth)"),
+        ));
+    }
+    let payload: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            400,
+            "invalid_json",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    if !payload.is_object() {
+        return Err(ApiError::new(
+            400,
+            "invalid_json",
+            "the event must be a JSON object",
+        ));
+    }
+    let event_type = match payload.pointer(&source.event_type) {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => {
+            return Err(ApiError::new(
+                400,
+                "missing_event_type",
+                format!(
+                    "no event type (a non-empty string) at {:?}",
+                    source.event_type
+                ),
+            ))
+        }
+    };
+    let event_id = source
+        .event_id
+        .as_deref()
+        .and_then(|p| scalar_text(payload.pointer(p)?))
+        .or_else(|| webhook_id.filter(|id| !id.is_empty()).map(str::to_owned))
+        .unwrap_or_else(|| hex(&Sha256::digest(body)));
+    Ok(ParsedEvent {
+        payload,
+        event_type,
+        event_id,
+    })
+}
+
+/// The deepest nesting of arrays and objects, counted without parsing
+/// (strings skipped), so a hostile body cannot make the parser recurse.
+pub fn json_depth(body: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 fn answer(stored: &StoredEvent, duplicate: bool) -> Value {

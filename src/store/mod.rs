@@ -259,6 +259,10 @@ pub trait Store: Send + Sync + 'static {
     async fn cancel(&self, id: i64, now: Millis) -> StoreResult<()>;
     async fn queue_summary(&self) -> StoreResult<Vec<BusinessQueue>>;
     async fn state_counts(&self) -> StoreResult<Vec<(DeliveryState, i64)>>;
+    /// Deletes up to `batch` events received before `before` whose
+    /// deliveries are all finished, with their deliveries and attempts.
+    /// Returns how many events went; their ids may then be sent again.
+    async fn prune(&self, before: Millis, batch: usize) -> StoreResult<u64>;
     async fn ping(&self) -> StoreResult<()>;
 }
 

@@ -18,7 +18,8 @@ use crate::clock::to_rfc3339;
 /// Writes waiting beyond this many go into the next transaction.
 const MAX_BATCH: usize = 1024;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE events (
     id          INTEGER PRIMARY KEY,
     source      TEXT NOT NULL,
@@ -67,7 +68,11 @@ CREATE TABLE attempts (
 );
 CREATE INDEX attempts_delivery ON attempts (delivery_id, id);
 CREATE INDEX attempts_quota ON attempts (business_id, finished_at) WHERE counts_quota = 1;
-"#];
+"#,
+    r#"
+CREATE INDEX events_received ON events (received_at);
+"#,
+];
 
 type WriteFn<T> = Box<dyn FnOnce(&Connection) -> StoreResult<T> + Send>;
 
@@ -842,6 +847,34 @@ impl Store for SqliteStore {
                     s.query_map([], |r| Ok((state_of(r.get(0)?), r.get(1)?)))?
                         .collect()
                 })
+                .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn prune(&self, before: Millis, batch: usize) -> StoreResult<u64> {
+        self.write(move |conn| {
+            let ids: Vec<i64> = conn
+                .prepare_cached(
+                    "SELECT e.id FROM events e
+                     WHERE e.received_at < ?1 AND NOT EXISTS (
+                         SELECT 1 FROM deliveries d
+                         WHERE d.event_id = e.id AND d.state IN ('queued', 'sending', 'held'))
+                     ORDER BY e.received_at LIMIT ?2",
+                )
+                .and_then(|mut s| s.query_map(params![before, batch as i64], |r| r.get(0))?.collect())
+                .map_err(db_error)?;
+            let ids = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into());
+            conn.execute(
+                "DELETE FROM attempts WHERE delivery_id IN (
+                     SELECT id FROM deliveries WHERE event_id IN (SELECT value FROM json_each(?1)))",
+                [&ids],
+            )
+            .map_err(db_error)?;
+            conn.execute("DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(?1))", [&ids])
+                .map_err(db_error)?;
+            conn.execute("DELETE FROM events WHERE id IN (SELECT value FROM json_each(?1))", [&ids])
+                .map(|n| n as u64)
                 .map_err(db_error)
         })
         .await
