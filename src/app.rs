@@ -99,17 +99,11 @@ impl Application {
                     // A bug must cost one request, never the worker: a
                     // panic becomes an opaque 500 and the service lives on.
                     use futures_util::FutureExt;
-                    let http = req.request().clone();
                     std::panic::AssertUnwindSafe(srv.call(req))
                         .catch_unwind()
-                        .map(move |outcome| match outcome {
+                        .map(|outcome| match outcome {
                             Ok(response) => response,
-                            Err(_) => Ok(actix_web::dev::ServiceResponse::new(
-                                http,
-                                actix_web::ResponseError::error_response(&ApiError::internal(
-                                    "a request handler panicked",
-                                )),
-                            )),
+                            Err(_) => Err(ApiError::internal("a request handler panicked").into()),
                         })
                 })
                 .app_data(data.clone())
