@@ -69,6 +69,7 @@ impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         match e {
             crate::store::StoreError::Conflict(message) => Self::new(409, "conflict", message),
+            crate::store::StoreError::NotFound(message) => Self::not_found(message),
             other => Self::internal(other),
         }
     }

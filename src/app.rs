@@ -209,7 +209,6 @@ async fn metrics_text(state: web::Data<AppState>) -> Result<HttpResponse, ApiErr
     let m = &state.metrics;
     m.queue_depth.reset();
     m.oldest_pending_age.reset();
-    let mut totals = [0i64; 5];
     for b in &summary {
         let label = b.business_id.to_string();
         m.queue_depth
@@ -220,18 +219,11 @@ async fn metrics_text(state: web::Data<AppState>) -> Result<HttpResponse, ApiErr
             .map(|t| (now - t).max(0) / 1000)
             .unwrap_or(0);
         m.oldest_pending_age.with_label_values(&[&label]).set(age);
-        for (total, n) in totals
-            .iter_mut()
-            .zip([b.queued, b.sending, b.held, b.dead, b.failed])
-        {
-            *total += n;
-        }
     }
-    for (state_name, n) in ["queued", "sending", "held", "dead", "failed"]
-        .iter()
-        .zip(totals)
-    {
-        m.deliveries.with_label_values(&[state_name]).set(n);
+    for (delivery_state, n) in state.store.state_counts().await? {
+        m.deliveries
+            .with_label_values(&[delivery_state.as_str()])
+            .set(n);
     }
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

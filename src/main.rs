@@ -95,11 +95,21 @@ enum Command {
 #[derive(clap::Args)]
 struct TargetArgs {
     /// The running chatbridge.
-    #[arg(long, env = "CHATBRIDGE_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "CHATBRIDGE_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     url: String,
     /// The admin token.
-    #[arg(long, env = "CHATBRIDGE__ADMIN__TOKEN", hide_env_values = true)]
-    token: String,
+    #[arg(
+        long,
+        global = true,
+        env = "CHATBRIDGE__ADMIN__TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -146,9 +156,13 @@ enum DeliveriesAction {
 }
 
 fn admin_call(target: TargetArgs, run: impl AsyncFnOnce(&admin_cli::Target) -> i32) -> i32 {
+    let Some(token) = target.token.filter(|t| !t.is_empty()) else {
+        eprintln!("the admin token is needed: pass --token or set CHATBRIDGE__ADMIN__TOKEN");
+        return 2;
+    };
     let target = admin_cli::Target {
         url: target.url,
-        token: target.token,
+        token,
     };
     actix_rt::System::new().block_on(async move { run(&target).await })
 }

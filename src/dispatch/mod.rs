@@ -153,7 +153,13 @@ async fn run(shared: Rc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         tokio::select! {
             _ = shared.wake.notified() => {}
-            _ = shared.clock.sleep_until(wake_at) => {}
+            _ = async {
+                if wake_at == Millis::MAX {
+                    std::future::pending::<()>().await
+                } else {
+                    shared.clock.sleep_until(wake_at).await
+                }
+            } => {}
             _ = tokio::time::sleep(MAX_IDLE) => {}
             _ = stop.changed() => {}
         }
@@ -236,7 +242,8 @@ async fn prune(shared: &Rc<Shared>, now: Millis, retention_days: u64) -> Result<
     Ok(())
 }
 
-/// One pass over the businesses with work; returns when to look again.
+/// One pass over the businesses with work; returns when to look again
+/// (`Millis::MAX`: when woken).
 async fn round(
     shared: &Rc<Shared>,
     now: Millis,
@@ -257,7 +264,9 @@ async fn round(
         *next_reclaim = now + lease_ms / 2;
         prune(shared, now, pipeline.settings.storage.retention_days).await?;
     }
-    let mut wake_at = now + lease_ms / 2;
+    // Nothing to wait for on the clock unless something below says so;
+    // sends finishing wake us, and MAX_IDLE covers the rest (leases).
+    let mut wake_at = Millis::MAX;
     if *shared.seen_version.borrow() != pipeline.version {
         // A reload may carry a fixed key: probe held businesses now.
         *shared.seen_version.borrow_mut() = pipeline.version.clone();

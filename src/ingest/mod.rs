@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::api_error::ApiError;
 use crate::app::AppState;
 use crate::clock::to_rfc3339;
-use crate::pipeline::hex;
+use crate::pipeline::{hex, Pipeline};
 use crate::render::EventMeta;
 use crate::settings::SourceSettings;
 use crate::store::{Inserted, NewDelivery, NewEvent, RenderedMessage, StoredEvent};
@@ -25,11 +25,39 @@ pub async fn receive(
     state: web::Data<AppState>,
     req: HttpRequest,
     source: web::Path<String>,
-    mut payload: web::Payload,
+    payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     // One configuration for the whole request, even if a reload lands meanwhile.
     let pipeline = state.pipeline.load_full();
     let source = source.into_inner();
+    let result = accept(&state, &pipeline, &req, &source, payload).await;
+    let outcome = match &result {
+        Ok(r) if r.status() == actix_web::http::StatusCode::OK => "duplicate",
+        Ok(_) => "accepted",
+        Err(e) => e.code,
+    };
+    // Label only configured sources, so strangers cannot grow the metric.
+    let label = if pipeline.settings.sources.contains_key(&source) {
+        source.as_str()
+    } else {
+        "unknown"
+    };
+    state
+        .metrics
+        .webhooks
+        .with_label_values(&[label, outcome])
+        .inc();
+    result
+}
+
+async fn accept(
+    state: &AppState,
+    pipeline: &Pipeline,
+    req: &HttpRequest,
+    source: &str,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let source = source.to_owned();
     let Some(source_settings) = pipeline.settings.sources.get(&source) else {
         return Err(ApiError::new(
             404,
@@ -45,7 +73,7 @@ pub async fn receive(
             format!("the body is over the {limit}-byte limit (server.max_body_bytes)"),
         )
     };
-    let declared = header(&req, "content-length").and_then(|v| v.parse::<usize>().ok());
+    let declared = header(req, "content-length").and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
@@ -58,7 +86,7 @@ pub async fn receive(
         }
         body.extend_from_slice(&chunk);
     }
-    let is_json = header(&req, "content-type").is_some_and(|ct| {
+    let is_json = header(req, "content-type").is_some_and(|ct| {
         let media = ct
             .split(';')
             .next()
@@ -77,10 +105,10 @@ pub async fn receive(
     }
     let now = state.clock.now_ms();
     let headers = AuthHeaders {
-        webhook_id: header(&req, "webhook-id"),
-        webhook_timestamp: header(&req, "webhook-timestamp"),
-        webhook_signature: header(&req, "webhook-signature"),
-        authorization: header(&req, "authorization"),
+        webhook_id: header(req, "webhook-id"),
+        webhook_timestamp: header(req, "webhook-timestamp"),
+        webhook_signature: header(req, "webhook-signature"),
+        authorization: header(req, "authorization"),
     };
     signature::verify(source_settings, headers, &body, now)
         .map_err(|e| ApiError::new(401, "unauthorized", e.to_string()))?;

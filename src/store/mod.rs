@@ -28,6 +28,8 @@ pub enum StoreError {
     Closed,
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -258,6 +260,7 @@ pub trait Store: Send + Sync + 'static {
     async fn mark_failed(&self, id: i64, reason: String, now: Millis) -> StoreResult<()>;
     async fn cancel(&self, id: i64, now: Millis) -> StoreResult<()>;
     async fn queue_summary(&self) -> StoreResult<Vec<BusinessQueue>>;
+    /// Deliveries per state, `delivered` excepted.
     async fn state_counts(&self) -> StoreResult<Vec<(DeliveryState, i64)>>;
     /// Deletes up to `batch` events received before `before` whose
     /// deliveries are all finished, with their deliveries and attempts.

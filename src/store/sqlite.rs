@@ -801,9 +801,18 @@ impl Store for SqliteStore {
                 )
                 .map_err(db_error)?;
             if changed == 0 {
-                return Err(StoreError::Conflict(format!(
-                    "delivery {id} is not queued or held (a delivery being sent cannot be cancelled)"
-                )));
+                let exists = conn
+                    .query_row("SELECT 1 FROM deliveries WHERE id = ?1", [id], |_| Ok(()))
+                    .optional()
+                    .map_err(db_error)?
+                    .is_some();
+                return Err(if exists {
+                    StoreError::Conflict(format!(
+                        "delivery {id} is not queued or held (a delivery being sent cannot be cancelled)"
+                    ))
+                } else {
+                    StoreError::NotFound(format!("no delivery {id}"))
+                });
             }
             Ok(())
         })
@@ -841,13 +850,23 @@ impl Store for SqliteStore {
     }
 
     async fn state_counts(&self) -> StoreResult<Vec<(DeliveryState, i64)>> {
+        // One index range per state; `delivered` grows without bound and is
+        // left out (count it with chatbridge_deliveries_total).
         self.read(|conn| {
-            conn.prepare_cached("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
-                .and_then(|mut s| {
-                    s.query_map([], |r| Ok((state_of(r.get(0)?), r.get(1)?)))?
-                        .collect()
+            let mut stmt = conn
+                .prepare_cached("SELECT COUNT(*) FROM deliveries WHERE state = ?1")
+                .map_err(db_error)?;
+            DeliveryState::ALL
+                .into_iter()
+                .filter(|s| *s != DeliveryState::Delivered)
+                .map(|s| {
+                    Ok((
+                        s,
+                        stmt.query_row([s.as_str()], |r| r.get(0))
+                            .map_err(db_error)?,
+                    ))
                 })
-                .map_err(db_error)
+                .collect()
         })
         .await
     }

@@ -1,10 +1,13 @@
 //! One integration test binary; each module tests one part of the contract
 //! over real HTTP on loopback.
 
+mod admin;
+mod crash;
 mod delivery;
 mod dispatch;
 mod helpers;
 mod ingest;
 mod openapi;
+mod operations;
 mod pipeline;
 mod templates;
