@@ -44,6 +44,7 @@ pub struct Application {
     handle: ServerHandle,
     pub state: web::Data<AppState>,
     dispatcher: dispatch::DispatcherHandle,
+    handle_signals: bool,
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -93,7 +94,7 @@ impl Application {
             reload: ReloadState::default(),
         });
         let data = state.clone();
-        let mut server = HttpServer::new(move || {
+        let server = HttpServer::new(move || {
             App::new()
                 .wrap_fn(|req, srv| {
                     // A bug must cost one request, never the worker: a
@@ -130,10 +131,11 @@ impl Application {
         .max_connections(max_connections)
         .bind(&listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (server.listen): {e}"))?;
+        // Signals are ours (see run_until_stopped), so the dispatcher
+        // stops together with the HTTP server.
+        let server = server.disable_signals();
         if options.handle_signals {
             reload::on_sighup(state.clone());
-        } else {
-            server = server.disable_signals();
         }
         let watcher = if watch {
             reload::watch(state.clone())
@@ -150,6 +152,7 @@ impl Application {
             handle,
             state,
             dispatcher,
+            handle_signals: options.handle_signals,
             _watcher: watcher,
         })
     }
@@ -170,13 +173,55 @@ impl Application {
     /// Serves until stopped (a signal or `handle().stop()`), then stops the
     /// dispatcher: in-flight sends finish or go back to the queue.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let served = self.server.await;
+        let Application {
+            server,
+            handle,
+            dispatcher,
+            handle_signals,
+            ..
+        } = self;
+        let mut server = std::pin::pin!(server);
+        let signal = async {
+            if handle_signals {
+                stop_signal().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        let served = tokio::select! {
+            served = &mut server => served,
+            name = signal => {
+                // Stop claiming at once, while the HTTP server drains, so the
+                // whole shutdown fits in one server.shutdown_timeout_secs.
+                tracing::info!(signal = name, "stopping: no new webhooks or sends; finishing what is in flight");
+                dispatcher.stop();
+                let (served, ()) = tokio::join!(server, handle.stop(true));
+                served
+            }
+        };
         tracing::info!("HTTP server stopped; finishing in-flight sends");
-        self.dispatcher.shutdown().await;
-        // Give the store's writer a moment to answer the last records.
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        dispatcher.shutdown().await;
         served
     }
+}
+
+/// SIGTERM or SIGINT (Ctrl-C).
+async fn stop_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            return tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "SIGINT"
 }
 
 async fn healthz() -> HttpResponse {

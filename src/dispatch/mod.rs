@@ -53,10 +53,15 @@ pub struct DispatcherHandle {
 }
 
 impl DispatcherHandle {
-    /// Stops claiming, lets in-flight sends finish within the settings'
-    /// shutdown timeout and gives the rest back to the queue.
-    pub async fn shutdown(self) {
+    /// Stops claiming now; in-flight sends get the settings' shutdown
+    /// timeout from this moment, then the rest goes back to the queue.
+    pub fn stop(&self) {
         let _ = self.shutdown.send(true);
+    }
+
+    /// Stops (if not yet) and waits until the dispatcher is done.
+    pub async fn shutdown(self) {
+        self.stop();
         let _ = self.finished.await;
     }
 }
