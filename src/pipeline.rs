@@ -7,9 +7,11 @@ use std::path::Path;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::clock::to_rfc3339;
 use crate::render::{event_context, EventMeta, Rendered, Renderer};
 use crate::routes::RoutingTable;
 use crate::settings::Settings;
+use crate::store::StoredEvent;
 
 pub struct Pipeline {
     pub settings: Settings,
@@ -91,6 +93,39 @@ impl Pipeline {
             })
             .collect()
     }
+}
+
+impl Pipeline {
+    /// Routes and renders a stored event again (reload checks).
+    pub fn plan_stored(&self, event: &StoredEvent) -> Result<Vec<Planned>, String> {
+        let (payload, meta) = stored_context(event)?;
+        Ok(self.plan(&payload, &meta))
+    }
+
+    /// Renders a stored event for one route by name, matching or not (an
+    /// operator's retry). `None`: the route is gone from routes.toml.
+    pub fn render_stored(
+        &self,
+        event: &StoredEvent,
+        route: &str,
+    ) -> Option<Result<Rendered, String>> {
+        let route = self.routes.routes.iter().find(|r| r.name == route)?;
+        Some(stored_context(event).and_then(|(payload, meta)| {
+            self.renderer.render(route, &event_context(&payload, &meta))
+        }))
+    }
+}
+
+fn stored_context(event: &StoredEvent) -> Result<(Value, EventMeta), String> {
+    let payload = serde_json::from_str(&event.payload)
+        .map_err(|e| format!("the stored event is not JSON: {e}"))?;
+    let meta = EventMeta {
+        source: event.source.clone(),
+        event_type: event.event_type.clone(),
+        id: event.external_id.clone(),
+        received_at: to_rfc3339(event.received_at),
+    };
+    Ok((payload, meta))
 }
 
 /// Hash of the settings, routes and template files, so two processes (or a

@@ -13,12 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::app::AppState;
 use crate::clock::to_rfc3339;
 use crate::pipeline::Pipeline;
-use crate::render::EventMeta;
 use crate::settings::Settings;
 
 /// How many recent events a reload renders under both configurations.
@@ -116,23 +114,13 @@ async fn try_reload(state: &AppState) -> Result<Applied, Vec<String>> {
         })?;
     let mut regressions = Vec::new();
     for event in &recent {
-        let Ok(payload) = serde_json::from_str::<Value>(&event.payload) else {
+        let Ok(before) = old.plan_stored(event) else {
             continue;
         };
-        let meta = EventMeta {
-            source: event.source.clone(),
-            event_type: event.event_type.clone(),
-            id: event.external_id.clone(),
-            received_at: to_rfc3339(event.received_at),
-        };
-        if old
-            .plan(&payload, &meta)
-            .iter()
-            .any(|p| p.rendered.is_err())
-        {
+        if before.iter().any(|p| p.rendered.is_err()) {
             continue;
         }
-        for planned in new.plan(&payload, &meta) {
+        for planned in new.plan_stored(event).unwrap_or_default() {
             if let Err(why) = planned.rendered {
                 regressions.push(format!(
                     "event {} ({} {:?}) renders now but not with the new configuration: route {:?}: {why}",

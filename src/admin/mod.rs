@@ -14,7 +14,6 @@ use crate::api_error::ApiError;
 use crate::app::AppState;
 use crate::clock::to_rfc3339;
 use crate::domain::DeliveryState;
-use crate::render::EventMeta;
 use crate::store::{DeliveryFilter, RenderedMessage};
 
 pub fn scope() -> Scope {
@@ -224,28 +223,15 @@ async fn retry_one(state: &AppState, id: i64) -> Result<Retried, ApiError> {
         .await?
         .ok_or_else(|| ApiError::internal(format!("delivery {id} has no event")))?;
     let pipeline = state.pipeline.load_full();
-    let Some(route) = pipeline
-        .routes
-        .routes
-        .iter()
-        .find(|r| r.name == delivery.route)
-    else {
+    let Some(rendered) = pipeline.render_stored(&event, &delivery.route) else {
         return Err(ApiError::new(
             409,
             "conflict",
             format!("route {:?} is no longer in routes.toml", delivery.route),
         ));
     };
-    let payload: Value = serde_json::from_str(&event.payload).map_err(ApiError::internal)?;
-    let meta = EventMeta {
-        source: event.source.clone(),
-        event_type: event.event_type.clone(),
-        id: event.external_id.clone(),
-        received_at: to_rfc3339(event.received_at),
-    };
     let now = state.clock.now_ms();
-    let context = crate::render::event_context(&payload, &meta);
-    match pipeline.renderer.render(route, &context) {
+    match rendered {
         Ok(rendered) => {
             let text = rendered.text.into_string();
             let text_changed = delivery.text.as_deref() != Some(text.as_str());
