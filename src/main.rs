@@ -73,6 +73,15 @@ enum Command {
         #[command(subcommand)]
         action: DeliveriesAction,
     },
+    /// An event by the id its source gave it, with its deliveries.
+    Event {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long)]
+        source: String,
+        #[arg(long)]
+        event_id: String,
+    },
     /// Queue, quota and drain estimate per business of a running instance.
     Queue {
         #[command(flatten)]
@@ -147,6 +156,8 @@ enum DeliveriesAction {
     },
     /// One delivery with its event, text and every attempt.
     Show { id: i64 },
+    /// Stop a queued or held delivery.
+    Cancel { id: i64 },
     /// Re-render and queue again: one delivery by id, or all failed/dead/cancelled ones matching the filter.
     Retry {
         id: Option<i64>,
@@ -195,6 +206,9 @@ fn main() -> ExitCode {
                 ];
                 admin_cli::list(t, &query).await
             }),
+            DeliveriesAction::Cancel { id } => {
+                admin_call(target, async move |t| admin_cli::cancel(t, id).await)
+            }
             DeliveriesAction::Show { id } => {
                 admin_call(target, async move |t| admin_cli::show(t, id).await)
             }
@@ -207,6 +221,13 @@ fn main() -> ExitCode {
                 admin_cli::retry(t, id, body).await
             }),
         },
+        Command::Event {
+            target,
+            source,
+            event_id,
+        } => admin_call(target, async move |t| {
+            admin_cli::event(t, &source, &event_id).await
+        }),
         Command::Queue { target } => admin_call(target, async |t| admin_cli::queue(t).await),
         Command::Reload { target } => admin_call(target, async |t| admin_cli::reload(t).await),
         Command::FakeMarket {

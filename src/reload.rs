@@ -156,6 +156,25 @@ fn startup_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
     if old.storage.url != new.storage.url {
         out.push("storage.url");
     }
+    let (a, b) = (&old.server, &new.server);
+    if (
+        a.client_request_timeout_ms,
+        a.keep_alive_secs,
+        a.max_connections,
+        a.watch_config,
+        a.shutdown_timeout_secs,
+    ) != (
+        b.client_request_timeout_ms,
+        b.keep_alive_secs,
+        b.max_connections,
+        b.watch_config,
+        b.shutdown_timeout_secs,
+    ) {
+        out.push("server.client_request_timeout_ms / keep_alive_secs / max_connections / watch_config / shutdown_timeout_secs");
+    }
+    if old.log.format != new.log.format {
+        out.push("log.format");
+    }
     if old.market.base_url != new.market.base_url
         || old.market.request_timeout_secs != new.market.request_timeout_secs
     {

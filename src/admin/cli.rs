@@ -78,10 +78,10 @@ pub async fn list(target: &Target, query: &[(&str, Option<String>)]) -> i32 {
         for d in body["deliveries"].as_array().into_iter().flatten() {
             println!(
                 "{:>8}  {:<10}  {:>12}  {:>12}  {:<20}  {}",
-                d["id"],
+                d["id"].to_string(),
                 d["state"].as_str().unwrap_or(""),
-                d["business_id"],
-                d["chat_id"],
+                d["business_id"].to_string(),
+                d["chat_id"].to_string(),
                 d["route"].as_str().unwrap_or(""),
                 d["reason"].as_str().unwrap_or("")
             );
@@ -113,6 +113,29 @@ pub async fn retry(target: &Target, id: Option<i64>, filter: Value) -> i32 {
         None => call(target, "POST", "/admin/deliveries/retry", Some(filter)).await,
     };
     finish(result, pretty)
+}
+
+pub async fn cancel(target: &Target, id: i64) -> i32 {
+    finish(
+        call(
+            target,
+            "POST",
+            &format!("/admin/deliveries/{id}/cancel"),
+            None,
+        )
+        .await,
+        pretty,
+    )
+}
+
+/// An event by the id its source gave it, with its deliveries.
+pub async fn event(target: &Target, source: &str, event_id: &str) -> i32 {
+    let path = format!(
+        "/admin/events?source={}&event_id={}",
+        encode(source),
+        encode(event_id)
+    );
+    finish(call(target, "GET", &path, None).await, pretty)
 }
 
 pub async fn reload(target: &Target) -> i32 {

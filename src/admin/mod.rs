@@ -316,7 +316,14 @@ async fn retry_matching(
             break;
         }
         for row in state.store.list_deliveries(filter.clone()).await? {
-            results.push(retry_one(&state, row.id).await?);
+            // One delivery that cannot be retried must not hide the others.
+            results.push(retry_one(&state, row.id).await.unwrap_or_else(|e| Retried {
+                id: row.id,
+                state: row.state,
+                text: None,
+                text_changed: None,
+                error: Some(e.message),
+            }));
         }
     }
     let queued = results.iter().filter(|r| r.error.is_none()).count();

@@ -156,6 +156,13 @@ async fn accept(
         .await?;
     Ok(match inserted {
         Inserted::New(stored) => {
+            for d in &stored.deliveries {
+                state
+                    .metrics
+                    .deliveries_total
+                    .with_label_values(&[d.state.as_str()])
+                    .inc();
+            }
             log_failures(&stored);
             state.wake.notify_one();
             HttpResponse::Accepted().json(answer(&stored, false))

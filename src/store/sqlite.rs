@@ -545,7 +545,9 @@ impl Store for SqliteStore {
                 Verdict::Held { reason } => (DeliveryState::Held, Some(reason.clone()), now, None),
             };
             conn.prepare_cached(
-                "UPDATE deliveries SET state = ?2, reason = COALESCE(?3, reason), next_attempt_at = ?4,
+                "UPDATE deliveries SET state = ?2,
+                     reason = CASE WHEN ?2 = 'delivered' THEN NULL ELSE COALESCE(?3, reason) END,
+                     next_attempt_at = ?4,
                      delivered_at = ?5, attempts = attempts + ?6, lease_until = NULL, updated_at = ?7
                  WHERE id = ?1",
             )
