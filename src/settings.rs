@@ -64,6 +64,8 @@ pub struct ServerSettings {
     pub max_json_depth: usize,
     /// A client must send its whole request head within this time (else 408).
     pub client_request_timeout_ms: u64,
+    /// A webhook's body must arrive within this time after its head (else 408).
+    pub body_timeout_ms: u64,
     /// Idle keep-alive connections are closed after this long.
     pub keep_alive_secs: u64,
     /// Open connections per worker; more wait in the listen backlog.
@@ -80,6 +82,7 @@ impl Default for ServerSettings {
             watch_config: true,
             max_json_depth: 32,
             client_request_timeout_ms: 5000,
+            body_timeout_ms: 10_000,
             keep_alive_secs: 5,
             max_connections: 10_000,
         }
@@ -317,7 +320,7 @@ impl Settings {
                     .try_parsing(true),
             )
             .build()
-            .map_err(|e| SettingsError::at(&file, e.to_string()))?;
+            .map_err(|e| SettingsError::at(&file, without_quoted_lines(&e.to_string())))?;
         let mut settings: Settings = raw
             .try_deserialize()
             .map_err(|e| SettingsError::at(&file, explain_config_error(e)))?;
@@ -467,6 +470,23 @@ pub fn decode_webhook_secret(secret: &str) -> Result<Vec<u8>, String> {
         Ok(key) if !key.is_empty() => Ok(key),
         _ => Err("the part after whsec_ is not valid base64".into()),
     }
+}
+
+/// A TOML syntax error quotes the offending line, which may hold a secret:
+/// keep the position and the reason, drop the quote.
+fn without_quoted_lines(message: &str) -> String {
+    message
+        .lines()
+        .filter(|line| {
+            let t = line.trim_start();
+            !(t.starts_with('|')
+                || t.split_once('|')
+                    .is_some_and(|(n, _)| n.trim().chars().all(|c| c.is_ascii_digit())))
+        })
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// The config crate's messages name the key but not what to do; add that.

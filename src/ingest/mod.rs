@@ -77,15 +77,31 @@ async fn accept(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large());
+    // A client that stops mid-body must not hold a connection forever.
+    let body_timeout = std::time::Duration::from_millis(pipeline.settings.server.body_timeout_ms);
+    let body = tokio::time::timeout(body_timeout, async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk
+                .map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
+        Ok(body)
+    })
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            408,
+            "request_timeout",
+            format!(
+                "the body did not arrive within {} ms (server.body_timeout_ms)",
+                body_timeout.as_millis()
+            ),
+        )
+    })??;
     let is_json = header(req, "content-type").is_some_and(|ct| {
         let media = ct
             .split(';')

@@ -58,7 +58,11 @@ pub fn verify(
     if let Some(tokens) = source.token.as_ref().filter(|t| !t.is_empty()) {
         let presented = headers
             .authorization
-            .and_then(|h| h.strip_prefix("Bearer "))
+            .and_then(|h| {
+                h.split_once(' ')
+                    .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                    .map(|(_, t)| t)
+            })
             .ok_or(AuthError::BadToken)?;
         let mut ok = subtle::Choice::from(0);
         for token in &tokens.0 {

@@ -69,8 +69,12 @@ fn rub(
     out: &mut dyn Output,
 ) -> HelperResult {
     let amount = as_number("rub", required(h, "rub", 0)?)?;
-    if !amount.is_finite() {
-        return Err(fail("rub", "amount is not finite"));
+    // Beyond this, f64 no longer holds kopecks exactly: not a real price.
+    if !amount.is_finite() || amount.abs() > 1e15 {
+        return Err(fail(
+            "rub",
+            format!("{amount} is not a plausible amount in roubles"),
+        ));
     }
     out.write(&format_roubles(amount))?;
     Ok(())
@@ -79,7 +83,7 @@ fn rub(
 pub fn format_roubles(amount: f64) -> String {
     let kopecks = (amount * 100.0).round() as i128;
     let sign = if kopecks < 0 { "-" } else { "" };
-    let kopecks = kopecks.abs();
+    let kopecks = kopecks.unsigned_abs();
     let digits = (kopecks / 100).to_string();
     let mut grouped = String::new();
     for (i, c) in digits.chars().enumerate() {

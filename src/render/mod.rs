@@ -73,7 +73,8 @@ impl Renderer {
                 hb.register_template_string(&name, source)
             };
             if let Err(e) = registered {
-                problems.push(format!("{}: {}", path.display(), template_error(&e)));
+                let hint = unclosed_block_hint(&std::fs::read_to_string(&path).unwrap_or_default());
+                problems.push(format!("{}: {}{hint}", path.display(), template_error(&e)));
             }
         }
         if !dir.is_dir() {
@@ -204,6 +205,39 @@ fn hbs_files(dir: &Path, is_partial: bool) -> Vec<(std::path::PathBuf, bool)> {
         .collect();
     files.sort();
     files
+}
+
+/// Handlebars reports an unclosed `{{#if}}` as a parse error at the end of
+/// the file; say which block to close.
+fn unclosed_block_hint(source: &str) -> String {
+    let mut open: Vec<&str> = Vec::new();
+    let mut rest = source;
+    while let Some(at) = rest.find("{{") {
+        rest = &rest[at + 2..];
+        let tag = rest.trim_start_matches('~').trim_start();
+        if let Some(block) = tag.strip_prefix('#') {
+            open.push(
+                block
+                    .split(|c: char| c.is_whitespace() || c == '}')
+                    .next()
+                    .unwrap_or(""),
+            );
+        } else if let Some(block) = tag.strip_prefix('/') {
+            let block = block
+                .split(|c: char| c.is_whitespace() || c == '}')
+                .next()
+                .unwrap_or("");
+            if open.last() == Some(&block) {
+                open.pop();
+            }
+        }
+    }
+    match open.last() {
+        Some(block) => {
+            format!(" (a {{{{#{block}}}}} block is not closed: add {{{{/{block}}}}} where it ends)")
+        }
+        None => String::new(),
+    }
 }
 
 fn template_error(e: &handlebars::TemplateError) -> String {

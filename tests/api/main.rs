@@ -6,6 +6,7 @@ mod crash;
 mod delivery;
 mod dispatch;
 mod helpers;
+mod hostile;
 mod ingest;
 mod openapi;
 mod operations;
