@@ -44,6 +44,8 @@ use retry::{decide, next_attempt, Decision};
 
 /// Real-time cap on any wait, so a stuck clock or a lost wake-up costs at most this.
 const MAX_IDLE: Duration = Duration::from_millis(500);
+/// Shortest time between two rounds started by wake-ups.
+const MIN_ROUND_GAP: Duration = Duration::from_millis(2);
 /// A 403 on another chat within this span means the key, not the chat, is refused.
 const FORBIDDEN_MEMORY_MS: Millis = 3_600_000;
 
@@ -139,6 +141,7 @@ async fn run(shared: Rc<Shared>, mut stop: watch::Receiver<bool>) {
     }
     while !*stop.borrow() {
         let now = shared.clock.now_ms();
+        let round_started = std::time::Instant::now();
         let wake_at = match round(&shared, now, &mut next_reclaim).await {
             Ok(at) => {
                 failures = 0;
@@ -157,7 +160,12 @@ async fn run(shared: Rc<Shared>, mut stop: watch::Receiver<bool>) {
             continue;
         }
         tokio::select! {
-            _ = shared.wake.notified() => {}
+            _ = async {
+                shared.wake.notified().await;
+                // Many wake-ups (one per webhook, one per finished send)
+                // make one round: at most one per MIN_ROUND_GAP.
+                tokio::time::sleep(MIN_ROUND_GAP.saturating_sub(round_started.elapsed())).await;
+            } => {}
             _ = async {
                 if wake_at == Millis::MAX {
                     std::future::pending::<()>().await
@@ -333,44 +341,50 @@ async fn round(
         }
     }
 
+    // First decide what each business may take, then claim for all of
+    // them at once: the claims share one group commit instead of paying a
+    // disk sync each.
+    let mut wanted = Vec::new();
     for (business, due_at) in shared.store.queued_businesses().await? {
         ensure_business(shared, business).await?;
-        let (want, permits) = {
-            let mut map = shared.businesses.borrow_mut();
-            let Some(b) = map.get_mut(&business) else {
-                continue;
-            };
-            if b.held {
-                continue;
-            }
-            if due_at > now {
-                wake_at = wake_at.min(due_at);
-                continue;
-            }
-            if b.blocked_until > now {
-                wake_at = wake_at.min(b.blocked_until);
-                continue;
-            }
-            let quota = b.quota.available(now) as usize;
-            if quota == 0 {
-                if let Some(free) = b.quota.next_free(now) {
-                    wake_at = wake_at.min(free);
-                }
-                continue;
-            }
-            let want = quota
-                .min(b.permits.available_permits())
-                .min(dispatch.claim_batch);
-            (want, b.permits.clone())
+        let mut map = shared.businesses.borrow_mut();
+        let Some(b) = map.get_mut(&business) else {
+            continue;
         };
-        if want == 0 {
-            // A send finishing wakes us.
+        if b.held {
             continue;
         }
-        let claimed = shared
+        if due_at > now {
+            wake_at = wake_at.min(due_at);
+            continue;
+        }
+        if b.blocked_until > now {
+            wake_at = wake_at.min(b.blocked_until);
+            continue;
+        }
+        let quota = b.quota.available(now) as usize;
+        if quota == 0 {
+            if let Some(free) = b.quota.next_free(now) {
+                wake_at = wake_at.min(free);
+            }
+            continue;
+        }
+        let want = quota
+            .min(b.permits.available_permits())
+            .min(dispatch.claim_batch);
+        // want == 0: all permits in use; a send finishing wakes us.
+        if want > 0 {
+            wanted.push((business, want, b.permits.clone()));
+        }
+    }
+    let claims = futures_util::future::join_all(wanted.iter().map(|(business, want, _)| {
+        shared
             .store
-            .claim(business, now, now + lease_ms, want, false)
-            .await?;
+            .claim(*business, now, now + lease_ms, *want, false)
+    }))
+    .await;
+    for ((business, want, permits), claimed) in wanted.into_iter().zip(claims) {
+        let claimed = claimed?;
         if claimed.len() == want {
             // There may be more due right now.
             wake_at = now;

@@ -164,6 +164,17 @@ impl Renderer {
     ) -> Result<String, String> {
         match id {
             Some(IdSource::Fixed(n)) => Ok(n.to_string()),
+            // The common `{{chatId}}` needs no template engine: a direct
+            // lookup, as strict as Handlebars (a missing field is an error).
+            Some(IdSource::Template(t)) if plain_path(t).is_some() => {
+                let path = plain_path(t).unwrap_or_default();
+                match crate::routes::lookup_path(context, path) {
+                    Some(Value::String(s)) => Ok(s.clone()),
+                    Some(Value::Number(n)) => Ok(n.to_string()),
+                    Some(other) => Err(format!("{field}: {path:?} is {other}, not an id")),
+                    None => Err(format!("{field}: field {path:?} is missing from the event")),
+                }
+            }
             Some(IdSource::Template(_)) => self
                 .hb
                 .render(&id_template_name(&route.name, field), context)
@@ -171,6 +182,22 @@ impl Renderer {
             None => Err(format!("route {:?} has no {field}", route.name)),
         }
     }
+}
+
+/// `Some("order.chatId")` for a template that is one plain `{{order.chatId}}`.
+fn plain_path(template: &str) -> Option<&str> {
+    let path = template
+        .trim()
+        .strip_prefix("{{")?
+        .strip_suffix("}}")?
+        .trim();
+    let plain = !path.is_empty()
+        && !path.starts_with('.')
+        && path.split('.').next() != Some("this")
+        && path
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    plain.then_some(path)
 }
 
 /// The context a template sees: the event's JSON with `_event` beside it.
