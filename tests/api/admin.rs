@@ -112,16 +112,6 @@ fn scripted(
     }
 }
 
-/// A sample event with its own id (and chat, when given).
-fn sample_as(name: &str, id: &str, chat: Option<i64>) -> Value {
-    let mut event = sample(name);
-    event["id"] = json!(id);
-    if let Some(chat) = chat {
-        event["chatId"] = json!(chat);
-    }
-    event
-}
-
 /// Posts to `oms` and returns the ids of the deliveries made.
 async fn post_ok(app: &TestApp, event: &Value) -> Vec<i64> {
     let (status, body) = app.post_event("oms", event).await;

@@ -20,7 +20,7 @@ use chatbridge::market::fake::{FakeConfig, FakeMarket};
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
-use crate::helpers::{copy_dir, repo, signed_headers, ADMIN_TOKEN, API_KEY};
+use crate::helpers::{copy_dir, free_port, repo, signed_headers, ADMIN_TOKEN, API_KEY};
 
 const BIN: &str = env!("CARGO_BIN_EXE_chatbridge");
 const EVENT_TYPE: &str = "crash.test";
@@ -113,13 +113,6 @@ impl Setup {
         service.wait_ready().await;
         service
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 fn client() -> awc::Client {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatbridge::clock::{Clock, ManualClock};
+use chatbridge::clock::ManualClock;
 use chatbridge::market::fake::FakeConfig;
 use futures_util::StreamExt;
 use serde_json::json;

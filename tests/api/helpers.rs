@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatbridge::app::{Application, BuildOptions};
-use chatbridge::clock::{Clock, ManualClock, SharedClock, SystemClock};
+use chatbridge::clock::{ManualClock, SharedClock, SystemClock};
 use chatbridge::market::fake::{FakeConfig, FakeMarket};
 use chatbridge::pipeline::Pipeline;
 use chatbridge::settings::Settings;
@@ -356,4 +356,44 @@ impl TestApp {
         assert_eq!(status, 200, "{body}");
         body["deliveries"].as_array().cloned().unwrap_or_default()
     }
+}
+
+/// A route taking `custom.text` events and sending their `text` as is.
+pub fn custom_text_files() -> Vec<(String, String)> {
+    vec![
+        shipped_routes_plus(
+            r#"
+[[routes]]
+name = "custom-text"
+source = "oms"
+event = "custom.text"
+template = "custom_text"
+business_id = "{{businessId}}"
+chat_id = "{{chatId}}"
+"#,
+        ),
+        ("templates/custom_text.hbs".into(), "{{text}}".into()),
+    ]
+}
+
+/// A shipped sample with another event id (and chat).
+pub fn sample_as(name: &str, id: &str, chat: Option<i64>) -> Value {
+    let mut event = sample(name);
+    event["id"] = serde_json::json!(id);
+    if let Some(chat) = chat {
+        event["chatId"] = serde_json::json!(chat);
+    }
+    event
+}
+
+/// The service's clock in Unix seconds, as a webhook timestamp.
+pub fn now_secs(app: &TestApp) -> i64 {
+    app.clock.now_ms() / 1000
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
 }

@@ -43,10 +43,6 @@ fn headers_signed_with(secret: &str, body: &[u8], ts: i64) -> Vec<(&'static str,
     ]
 }
 
-fn now_secs(app: &TestApp) -> i64 {
-    app.clock.now_ms() / 1000
-}
-
 fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {
     assert_eq!(status, want_status, "{body}");
     assert_eq!(body["error"]["code"], want_code, "{body}");
@@ -922,13 +918,6 @@ async fn an_event_with_a_delivery_still_pending_outlives_the_retention() {
 }
 
 // ------------------------------------------------------------------ secrets
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
 
 /// A temp root holding a copy of the shipped `config/` and `templates/`.
 fn config_root() -> tempfile::TempDir {

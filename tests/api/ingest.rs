@@ -49,10 +49,6 @@ fn delivery_ids(answer: &Value) -> Vec<(i64, String)> {
         .collect()
 }
 
-fn now_secs(app: &TestApp) -> i64 {
-    app.clock.now_ms() / 1000
-}
-
 /// The request body as a chunked stream (no Content-Length).
 async fn post_chunked(
     app: &TestApp,

@@ -449,24 +449,6 @@ fn validate(spec: &Value, schema: &Value, value: &Value, at: &str, out: &mut Vec
     }
 }
 
-/// A route taking `custom.text` events and sending their `text` as is.
-fn custom_text_files() -> Vec<(String, String)> {
-    vec![
-        shipped_routes_plus(
-            r#"
-[[routes]]
-name = "custom-text"
-source = "oms"
-event = "custom.text"
-template = "custom_text"
-business_id = "{{businessId}}"
-chat_id = "{{chatId}}"
-"#,
-        ),
-        ("templates/custom_text.hbs".into(), "{{text}}".into()),
-    ]
-}
-
 #[actix_rt::test]
 async fn every_request_chatbridge_sends_matches_the_markets_openapi_description() {
     let Some(spec) = load_spec() else { return };

@@ -197,15 +197,6 @@ fn scripted(status: u16, code: &str, message: &str, chat: Option<i64>) -> Script
     }
 }
 
-fn sample_as(name: &str, id: &str, chat: Option<i64>) -> Value {
-    let mut event = sample(name);
-    event["id"] = json!(id);
-    if let Some(chat) = chat {
-        event["chatId"] = json!(chat);
-    }
-    event
-}
-
 async fn post_one(app: &TestApp, event: &Value) -> i64 {
     let (status, body) = app.post_event("oms", event).await;
     assert_eq!(status, 202, "{body}");

@@ -6,24 +6,6 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-/// A route taking `custom.text` events and sending their `text` as is.
-fn custom_text_files() -> Vec<(String, String)> {
-    vec![
-        shipped_routes_plus(
-            r#"
-[[routes]]
-name = "custom-text"
-source = "oms"
-event = "custom.text"
-template = "custom_text"
-business_id = "{{businessId}}"
-chat_id = "{{chatId}}"
-"#,
-        ),
-        ("templates/custom_text.hbs".into(), "{{text}}".into()),
-    ]
-}
-
 /// (sample, business, chat, the exact text), checked by hand against
 /// templates/*.hbs and templates/partials/signature.hbs.
 const EXPECTED: [(&str, i64, i64, &str); 4] = [
