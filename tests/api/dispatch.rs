@@ -304,3 +304,50 @@ async fn no_more_than_four_requests_of_a_business_are_in_flight() {
 fn clock_now_is_unchanged(app: &TestApp) -> bool {
     app.clock.now_ms() == START
 }
+
+#[actix_rt::test]
+async fn new_messages_are_not_starved_behind_a_chat_that_keeps_failing() {
+    let (opts, clock) = options(
+        FakeConfig {
+            hourly_limit: 0,
+            ..FakeConfig::default()
+        },
+        1000,
+        3600,
+    );
+    let app = spawn_app_with(opts).await;
+    // Chat 1 of business 111 fails for its first 5 tries.
+    app.market.script(chatbridge::market::fake::ScriptedAnswer {
+        status: 500,
+        errors: vec![],
+        business_id: Some(111),
+        chat_id: Some(1),
+        times: 5,
+    });
+    post_burst(&app, &[(111, 1, 0)]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app.market.requests().is_empty() {
+        assert!(Instant::now() < deadline, "the first send never happened");
+        actix_rt::time::sleep(Duration::from_millis(5)).await;
+    }
+    // While it waits for its retry, new events of other chats keep coming.
+    post_burst(
+        &app,
+        &(1..=20)
+            .map(|seq| (111, 100 + seq as i64, seq))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let got = app.wait_for_delivered(20).await;
+    assert_eq!(
+        got.len(),
+        20,
+        "the new messages went out while chat 1 waits"
+    );
+    assert!(got.iter().all(|m| m.chat_id != 1));
+    // And the failing one gets there too once its retries come round.
+    drive(&app, &clock, 21).await;
+    let delivered = app.market.delivered();
+    assert_eq!(delivered.iter().filter(|m| m.chat_id == 1).count(), 1);
+    app.stop().await;
+}
