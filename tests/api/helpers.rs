@@ -196,12 +196,18 @@ impl TestApp {
             req = req.insert_header((*k, v.as_str()));
         }
         let mut resp = req.send_body(body).await.expect("request failed");
-        let status = resp.status().as_u16();
-        let bytes = resp.body().limit(16 << 20).await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        read_json(&mut resp).await
+    }
+
+    /// `GET` without credentials.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let mut resp = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request failed");
+        read_json(&mut resp).await
     }
 
     pub async fn admin_get(&self, path: &str) -> (u16, Value) {
@@ -212,12 +218,7 @@ impl TestApp {
             .send()
             .await
             .expect("request failed");
-        let status = resp.status().as_u16();
-        let bytes = resp.body().limit(16 << 20).await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        read_json(&mut resp).await
     }
 
     pub async fn admin_post(&self, path: &str, body: &Value) -> (u16, Value) {
@@ -228,12 +229,7 @@ impl TestApp {
             .send_json(body)
             .await
             .expect("request failed");
-        let status = resp.status().as_u16();
-        let bytes = resp.body().limit(16 << 20).await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        read_json(&mut resp).await
     }
 
     /// The delivery with its attempts, from the admin API.
@@ -396,4 +392,17 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+/// The status and the JSON body (`null` when it is not JSON).
+async fn read_json<S>(resp: &mut awc::ClientResponse<S>) -> (u16, Value)
+where
+    S: futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>> + Unpin,
+{
+    let status = resp.status().as_u16();
+    let bytes = resp.body().limit(16 << 20).await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }

@@ -561,16 +561,8 @@ async fn an_absurd_timestamp_is_401_not_a_crash() {
 async fn a_hook_called_with_the_wrong_method_answers_a_json_error() {
     let app = spawn_app().await;
 
-    let mut resp = app
-        .client
-        .get(format!("{}/hooks/oms", app.base))
-        .send()
-        .await
-        .expect("request failed");
+    let (status, body) = app.get("/hooks/oms").await;
 
-    let status = resp.status().as_u16();
-    let body: Value =
-        serde_json::from_slice(&resp.body().await.unwrap_or_default()).unwrap_or(Value::Null);
     assert!(status == 404 || status == 405, "{status}");
     assert_error(status, &body, status, None);
     app.stop().await;

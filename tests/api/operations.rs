@@ -203,23 +203,8 @@ async fn post_one(app: &TestApp, event: &Value) -> i64 {
     body["deliveries"][0]["id"].as_i64().unwrap()
 }
 
-async fn get(app: &TestApp, path: &str) -> (u16, Value) {
-    let mut resp = app
-        .client
-        .get(format!("{}{path}", app.base))
-        .send()
-        .await
-        .expect("request failed");
-    let status = resp.status().as_u16();
-    let bytes = resp.body().limit(1 << 20).await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
 async fn readyz(app: &TestApp) -> Value {
-    let (status, body) = get(app, "/readyz").await;
+    let (status, body) = app.get("/readyz").await;
     assert_eq!(status, 200, "{body}");
     body
 }
@@ -539,7 +524,7 @@ async fn config_reloads_are_counted_by_outcome() {
 #[actix_rt::test]
 async fn healthz_and_readyz_answer_and_readyz_shows_a_refused_reload() {
     let app = spawn_app().await;
-    let (status, health) = get(&app, "/healthz").await;
+    let (status, health) = app.get("/healthz").await;
     assert_eq!(status, 200);
     assert_eq!(health, json!({"status": "ok"}));
 
