@@ -18,25 +18,12 @@ use tokio::sync::Notify;
 use crate::api_error::ApiError;
 use crate::clock::SharedClock;
 use crate::pipeline::Pipeline;
-use crate::reload::{self, ReloadState, SettingsLoader};
+use crate::reload;
 use crate::settings::Settings;
-use crate::store::Store;
+pub use crate::state::AppState;
+use crate::state::{ReloadState, SettingsLoader};
 use crate::telemetry::Metrics;
 use crate::{admin, dispatch, ingest};
-
-/// What request handlers share.
-pub struct AppState {
-    /// The configuration in force; a reload swaps it whole.
-    pub pipeline: Arc<ArcSwap<Pipeline>>,
-    pub store: Arc<dyn Store>,
-    pub clock: SharedClock,
-    /// Tells the dispatcher new work is queued.
-    pub wake: Arc<Notify>,
-    pub metrics: Arc<Metrics>,
-    /// Reads the configuration again for a reload.
-    pub loader: SettingsLoader,
-    pub reload: ReloadState,
-}
 
 pub struct Application {
     addr: SocketAddr,

@@ -16,5 +16,6 @@ pub mod reload;
 pub mod render;
 pub mod routes;
 pub mod settings;
+pub mod state;
 pub mod store;
 pub mod telemetry;

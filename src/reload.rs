@@ -9,38 +9,20 @@
 //! piece of work sees two.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::app::AppState;
 use crate::clock::to_rfc3339;
 use crate::pipeline::Pipeline;
 use crate::settings::Settings;
+pub use crate::state::{AppState, ReloadState, ReloadStatus, SettingsLoader};
 
 /// How many recent events a reload renders under both configurations.
 const REGRESSION_SAMPLE: usize = 500;
 /// File events closer together than this make one reload.
 const DEBOUNCE: Duration = Duration::from_millis(300);
-
-/// Reads the settings again (files and environment, plus whatever the
-/// caller overrides in code, as the demo and tests do).
-pub type SettingsLoader = Arc<dyn Fn() -> Result<Settings, Vec<String>> + Send + Sync>;
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ReloadStatus {
-    pub last_attempt_at: Option<String>,
-    /// Why the last reload was refused; `None` when it was applied.
-    pub last_error: Option<Vec<String>>,
-}
-
-#[derive(Default)]
-pub struct ReloadState {
-    pub status: Mutex<ReloadStatus>,
-    /// One reload at a time.
-    running: tokio::sync::Mutex<()>,
-}
 
 #[derive(Debug, Serialize)]
 pub struct Applied {

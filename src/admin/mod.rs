@@ -11,9 +11,9 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::api_error::ApiError;
-use crate::app::AppState;
 use crate::clock::to_rfc3339;
 use crate::domain::DeliveryState;
+use crate::state::AppState;
 use crate::store::{DeliveryFilter, RenderedMessage};
 
 pub fn scope() -> Scope {

@@ -13,11 +13,11 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::api_error::ApiError;
-use crate::app::AppState;
 use crate::clock::to_rfc3339;
 use crate::pipeline::{hex, Pipeline};
 use crate::render::EventMeta;
 use crate::settings::SourceSettings;
+use crate::state::AppState;
 use crate::store::{Inserted, NewDelivery, NewEvent, RenderedMessage, StoredEvent};
 use signature::AuthHeaders;
 
