@@ -98,6 +98,49 @@ async fn drive(app: &TestApp, clock: &ManualClock, target: usize) {
     }
 }
 
+/// A `burst.*` marker event for `TestApp::caught_up_with`.
+fn burst_marker(id: String) -> serde_json::Value {
+    json!({"id": id, "type": "burst.marker", "businessId": MARKER_BUSINESS, "chatId": marker_chat(), "seq": 0})
+}
+
+/// Waits (real time, bounded) until the Market has `n` messages besides markers.
+async fn wait_for_buyer_messages(
+    app: &TestApp,
+    n: usize,
+) -> Vec<chatbridge::market::fake::ReceivedRequest> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = app.buyer_messages();
+        if got.len() >= n || Instant::now() > deadline {
+            return got;
+        }
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Posts one `burst.go` event; its delivery id.
+async fn post_one(app: &TestApp, business: i64, chat: i64, seq: usize) -> i64 {
+    let body = json!({"id": format!("one-{business}-{seq}"), "type": "burst.go", "businessId": business, "chatId": chat, "seq": seq});
+    let (status, answer) = app.post_event("oms", &body).await;
+    assert_eq!(status, 202, "{answer}");
+    answer["deliveries"][0]["id"].as_i64().expect("a delivery id")
+}
+
+/// Waits (real time, bounded) until the fake Market is answering a request of `business`.
+async fn wait_in_flight_at_market(app: &TestApp, business: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while app
+        .market
+        .stats()
+        .max_in_flight_seen
+        .get(&business)
+        .is_none_or(|&n| n == 0)
+    {
+        assert!(Instant::now() < deadline, "no request of {business} reached the Market");
+        actix_rt::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Every window of `window_ms` holds at most `limit` sends.
 fn assert_never_over(times: &[i64], limit: usize, window_ms: i64) {
     let mut times = times.to_vec();
@@ -179,14 +222,15 @@ async fn a_restart_does_not_reset_the_quota() {
     post_burst(&app, &(0..15).map(|seq| (111, 7, seq)).collect::<Vec<_>>()).await;
     drive(&app, &clock, 10).await;
     let app = app.restart().await;
-    actix_rt::time::sleep(Duration::from_millis(300)).await;
+    // The markers go to a business of their own, with its own quota.
+    app.caught_up_with(burst_marker).await;
     assert_eq!(
-        app.market.delivered().len(),
+        app.buyer_messages().len(),
         10,
         "the restarted service must remember the 10 sends of this hour"
     );
     clock.advance(Duration::from_secs(3600));
-    let got = app.wait_for_delivered(15).await;
+    let got = wait_for_buyer_messages(&app, 15).await;
     assert_eq!(got.len(), 15);
     app.stop().await;
 }
@@ -297,12 +341,13 @@ async fn no_more_than_four_requests_of_a_business_are_in_flight() {
         "sends should run in parallel, saw at most {peak}"
     );
     assert_eq!(stats.by_status.get(&420), None);
-    let _ = clock_now_is_unchanged(&app);
+    // Nothing here waits on the clock: the cap alone paced these sends.
+    assert_eq!(app.clock.now_ms(), START, "the test never moves the clock");
+    assert!(
+        app.market.delivered().iter().all(|m| m.at == START),
+        "every send went at once, not after a quota or retry wait"
+    );
     app.stop().await;
-}
-
-fn clock_now_is_unchanged(app: &TestApp) -> bool {
-    app.clock.now_ms() == START
 }
 
 #[actix_rt::test]
@@ -349,5 +394,139 @@ async fn new_messages_are_not_starved_behind_a_chat_that_keeps_failing() {
     drive(&app, &clock, 21).await;
     let delivered = app.market.delivered();
     assert_eq!(delivered.iter().filter(|m| m.chat_id == 1).count(), 1);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_chat_waits_while_its_earlier_message_is_still_in_flight() {
+    // A slow Market: the first message of chat 1 is in flight for seconds
+    // (and then fails), while later events keep the dispatcher claiming.
+    let (opts, clock) = options(
+        FakeConfig {
+            hourly_limit: 0,
+            latency_ms: 1_500,
+            ..FakeConfig::default()
+        },
+        1000,
+        3600,
+    );
+    let app = spawn_app_with(opts).await;
+    app.market.script(chatbridge::market::fake::ScriptedAnswer {
+        status: 500,
+        errors: vec![],
+        business_id: Some(111),
+        chat_id: Some(1),
+        times: 1,
+    });
+    let first = post_one(&app, 111, 1, 0).await;
+    wait_in_flight_at_market(&app, 111).await;
+    // Only the request already in flight stays slow.
+    app.market.configure(|c| c.latency_ms = 0);
+
+    let second = post_one(&app, 111, 1, 1).await;
+    let other_chat = post_one(&app, 111, 2, 2).await;
+    // The round that sent the other chat's message saw the second one too.
+    app.wait_for_state(other_chat, "delivered").await;
+
+    let view = app.delivery(second).await;
+    assert_eq!(
+        view["delivery"]["state"], "queued",
+        "the second message of chat 1 was claimed while the first was in flight: {view:#}"
+    );
+    assert_eq!(
+        app.delivery(first).await["delivery"]["state"],
+        "sending",
+        "the first message is still in flight (else this test proves nothing)"
+    );
+    drive(&app, &clock, 3).await;
+    let chat_1: Vec<String> = app
+        .market
+        .delivered()
+        .iter()
+        .filter(|m| m.chat_id == 1)
+        .map(|m| m.message.clone())
+        .collect();
+    assert_eq!(chat_1, ["msg 0", "msg 1"], "chat 1's messages in order");
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_420_takes_no_quota_slot() {
+    // One send an hour: a 420 that took the slot would hold the message
+    // for the whole hour instead of the 420's pause.
+    let (opts, clock) = options(
+        FakeConfig {
+            hourly_limit: 0,
+            ..FakeConfig::default()
+        },
+        1,
+        3600,
+    );
+    let app = spawn_app_with(opts).await;
+    app.market.script(chatbridge::market::fake::ScriptedAnswer {
+        status: 420,
+        errors: vec![],
+        business_id: Some(111),
+        chat_id: None,
+        times: 1,
+    });
+    let id = post_one(&app, 111, 1, 0).await;
+    let throttled = app
+        .wait_for_delivery(id, "the 420 recorded", |v| {
+            v["attempts"].as_array().is_some_and(|a| a.len() == 1)
+                && v["delivery"]["state"] == "queued"
+        })
+        .await;
+    assert_eq!(throttled["attempts"][0]["http_status"], 420, "{throttled:#}");
+
+    // The 420 named no window end: the pause is throttle_backoff_secs (60).
+    clock.advance(Duration::from_secs(60));
+    app.wait_for_state(id, "delivered").await;
+    let sent = app.market.delivered();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].at,
+        START + 60_000,
+        "sent when the 420's pause ended, not an hour later"
+    );
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_quota_slot_counts_from_when_the_market_answered() {
+    // One send per 100 s. The clock moves 50 s while the first send is in
+    // flight: the Market may count it as late as its answer, so the next
+    // send waits 100 s from the answer, not from the dispatch.
+    let (window_ms, moved_ms) = (100_000i64, 50_000i64);
+    let (opts, clock) = options(
+        FakeConfig {
+            hourly_limit: 0,
+            latency_ms: 2_000,
+            ..FakeConfig::default()
+        },
+        1,
+        (window_ms / 1000) as u64,
+    );
+    let app = spawn_app_with(opts).await;
+    let first = post_one(&app, 111, 1, 0).await;
+    wait_in_flight_at_market(&app, 111).await;
+    app.market.configure(|c| c.latency_ms = 0);
+    clock.advance(Duration::from_millis(moved_ms as u64));
+    assert!(
+        app.market.requests().is_empty(),
+        "the first send was answered before the clock moved (else this test proves nothing)"
+    );
+    let second = post_one(&app, 111, 2, 1).await;
+    app.wait_for_state(first, "delivered").await;
+
+    drive(&app, &clock, 2).await;
+    app.wait_for_state(second, "delivered").await;
+    let sent = app.market.delivered();
+    let answered = START + moved_ms;
+    assert!(
+        sent[1].at - answered >= window_ms,
+        "the second send went {} ms after the first was answered, inside the {window_ms} ms window",
+        sent[1].at - answered
+    );
     app.stop().await;
 }

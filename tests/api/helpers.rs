@@ -406,3 +406,135 @@ where
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
 }
+
+/// A child process a test started: killed and reaped on drop, so a failed
+/// assertion never leaves a `chatbridge serve` running. When the test is
+/// failing, the tail of the child's log (if it has one) is printed.
+pub struct ChildGuard {
+    child: Option<std::process::Child>,
+    log: Option<PathBuf>,
+}
+
+impl ChildGuard {
+    pub fn new(child: std::process::Child, log: Option<PathBuf>) -> Self {
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// The process id, while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// Its exit status, if it has exited (then it is no longer owned).
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().expect("try_wait")?;
+        self.child = None;
+        Some(status)
+    }
+
+    /// SIGKILL and reap, now.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+        if let (true, Some(log)) = (std::thread::panicking(), &self.log) {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!(
+                "--- {} (tail) ---\n{}",
+                log.display(),
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            );
+        }
+    }
+}
+
+/// The business that `caught_up` sends its marker messages to; tests leave
+/// it alone, and count the Market's messages with `buyer_requests`.
+pub const MARKER_BUSINESS: i64 = 990_001;
+
+impl TestApp {
+    /// The positive signal a "nothing happened" check waits for: the
+    /// dispatcher has run whole rounds on the clock as it is now, and every
+    /// send those rounds started has reached the Market. It posts a marker
+    /// event (`event(n)`, for `MARKER_BUSINESS`), waits until the Market has
+    /// it and nothing is `sending`, twice: the round that takes the first
+    /// marker may have read the clock before the caller moved it; the one
+    /// that takes the second started after that round ended.
+    pub async fn caught_up_with(&self, event: impl Fn(String) -> Value) {
+        for _ in 0..2 {
+            let id = format!("marker-{}", rand_id());
+            let body = event(id.clone());
+            let chat = body["chatId"].as_i64().expect("a marker names its chat");
+            let (status, answer) = self.post_event("oms", &body).await;
+            assert_eq!(status, 202, "the marker event was refused: {answer}");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let arrived = self
+                    .market
+                    .requests()
+                    .iter()
+                    .any(|r| r.business_id == MARKER_BUSINESS && r.chat_id == chat);
+                if arrived && self.nothing_sending().await {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the dispatcher never sent the marker {id}"
+                );
+                actix_rt::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    /// `caught_up_with` an `order.shipped` marker (the shipped route).
+    pub async fn caught_up(&self) {
+        self.caught_up_with(|id| {
+            let mut event = sample("order_shipped");
+            event["id"] = serde_json::json!(id);
+            event["businessId"] = serde_json::json!(MARKER_BUSINESS);
+            event["chatId"] = serde_json::json!(marker_chat());
+            event
+        })
+        .await
+    }
+
+    async fn nothing_sending(&self) -> bool {
+        let (status, body) = self
+            .admin_get("/admin/deliveries?state=sending&limit=1")
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["deliveries"].as_array().is_some_and(Vec::is_empty)
+    }
+
+    /// The Market's requests without `caught_up`'s markers.
+    pub fn buyer_requests(&self) -> Vec<chatbridge::market::fake::ReceivedRequest> {
+        let mut all = self.market.requests();
+        all.retain(|r| r.business_id != MARKER_BUSINESS);
+        all
+    }
+
+    /// The Market's delivered messages without `caught_up`'s markers.
+    pub fn buyer_messages(&self) -> Vec<chatbridge::market::fake::ReceivedRequest> {
+        let mut all = self.market.delivered();
+        all.retain(|r| r.business_id != MARKER_BUSINESS);
+        all
+    }
+}
+
+/// A fresh chat id for a marker, so each marker is told apart.
+pub fn marker_chat() -> i64 {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static NEXT: AtomicI64 = AtomicI64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
