@@ -15,20 +15,19 @@ const SPEC: &str = "../shared/market-api/chats.openapi.yaml";
 const PATH: &str = "/v2/businesses/{businessId}/chats/message";
 const METHOD: &str = "post";
 
-/// The spec, or `None` (with the reason printed) when it is not on this machine.
-fn load_spec() -> Option<Value> {
+/// The spec. A missing file is a failure here: where it is missing (a
+/// plain clone), `build.rs` compiles these tests `#[ignore]`d, so the skip
+/// shows in `cargo test`'s summary; under `CI=true` it never does.
+fn load_spec() -> Value {
     let file: PathBuf = repo().join(SPEC);
-    let text = match std::fs::read_to_string(&file) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!(
-                "skipping the OpenAPI check: cannot read {} ({e}); CI has it",
-                file.display()
-            );
-            return None;
-        }
-    };
-    Some(serde_yaml::from_str(&text).expect("chats.openapi.yaml is valid YAML"))
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {} ({e}): the OpenAPI conformance tests need the Market's spec there \
+             (if you just added it, `touch build.rs` so the build sees it)",
+            file.display()
+        )
+    });
+    serde_yaml::from_str(&text).expect("chats.openapi.yaml is valid YAML")
 }
 
 /// Follows a local `$ref` (`#/components/...`) until the node is not one.
@@ -449,9 +448,13 @@ fn validate(spec: &Value, schema: &Value, value: &Value, at: &str, out: &mut Vec
     }
 }
 
+#[cfg_attr(
+    market_spec_missing,
+    ignore = "../shared/market-api/chats.openapi.yaml is missing (CI=true makes this a failure)"
+)]
 #[actix_rt::test]
 async fn every_request_chatbridge_sends_matches_the_markets_openapi_description() {
-    let Some(spec) = load_spec() else { return };
+    let spec = load_spec();
     let operation = Operation::from_spec(&spec);
     let app = spawn_app_with(TestOptions {
         files: custom_text_files(),
@@ -510,9 +513,13 @@ async fn every_request_chatbridge_sends_matches_the_markets_openapi_description(
     app.stop().await;
 }
 
+#[cfg_attr(
+    market_spec_missing,
+    ignore = "../shared/market-api/chats.openapi.yaml is missing (CI=true makes this a failure)"
+)]
 #[test]
 fn the_spec_check_catches_requests_the_market_would_refuse() {
-    let Some(spec) = load_spec() else { return };
+    let spec = load_spec();
     let operation = Operation::from_spec(&spec);
     let good = ReceivedRequest {
         business_id: 111,
