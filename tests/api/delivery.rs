@@ -60,10 +60,11 @@ async fn post(app: &TestApp, event: &Value) -> i64 {
     body["deliveries"][0]["id"].as_i64().unwrap()
 }
 
-/// Gives the dispatcher a moment on a clock that does not move, to show
-/// that nothing happens before its time.
-async fn settle() {
-    actix_rt::time::sleep(Duration::from_millis(150)).await;
+/// Waits until the dispatcher has run rounds on the clock as it is now (a
+/// positive signal, see `caught_up`), to show that nothing happens before
+/// its time.
+async fn settle(app: &TestApp) {
+    app.caught_up().await;
 }
 
 #[actix_rt::test]
@@ -90,8 +91,8 @@ async fn a_500_is_retried_after_the_backoff_and_both_attempts_are_recorded() {
     );
 
     app.advance(Duration::from_millis(2_400));
-    settle().await;
-    assert_eq!(app.market.requests().len(), 1, "retried before its backoff");
+    settle(&app).await;
+    assert_eq!(app.buyer_requests().len(), 1, "retried before its backoff");
 
     app.advance(Duration::from_millis(2_600));
     let done = app.wait_for_state(id, "delivered").await;
@@ -108,8 +109,8 @@ async fn a_500_is_retried_after_the_backoff_and_both_attempts_are_recorded() {
         ]
     );
     assert_eq!(done["delivery"]["attempts"], 2);
-    assert_eq!(app.market.delivered().len(), 1);
-    assert_eq!(app.market.requests().len(), 2);
+    assert_eq!(app.buyer_messages().len(), 1);
+    assert_eq!(app.buyer_requests().len(), 2);
     app.stop().await;
 }
 
@@ -140,9 +141,9 @@ async fn a_400_makes_the_delivery_dead_with_the_markets_code_and_message() {
     assert_eq!(status, 200);
     assert_eq!(listed["deliveries"][0]["id"], id, "{listed}");
     app.advance(Duration::from_secs(3_600));
-    settle().await;
+    settle(&app).await;
     assert_eq!(
-        app.market.requests().len(),
+        app.buyer_requests().len(),
         1,
         "a dead delivery is never retried by itself"
     );
@@ -184,9 +185,9 @@ async fn a_401_holds_the_business_until_its_key_works_again() {
         .is_some_and(|r| r.contains("401")));
     // Another message of the same business waits too.
     let second = post(&app, &sample("order_delivered")).await;
-    settle().await;
+    settle(&app).await;
     assert_eq!(
-        app.market.requests().len(),
+        app.buyer_requests().len(),
         1,
         "nothing is sent while the key is refused"
     );
@@ -196,7 +197,7 @@ async fn a_401_holds_the_business_until_its_key_works_again() {
     app.advance(Duration::from_secs(301));
     app.wait_for_state(first, "delivered").await;
     app.wait_for_state(second, "delivered").await;
-    assert_eq!(app.market.delivered().len(), 2);
+    assert_eq!(app.buyer_messages().len(), 2);
     app.stop().await;
 }
 
@@ -245,9 +246,9 @@ async fn a_420_is_not_an_attempt_and_the_message_goes_when_the_window_passes() {
     let wait = ms(&throttled["delivery"]["next_attempt_at"]) - clock.now_ms();
     assert!((3_599_000..=3_600_000).contains(&wait), "waits {wait} ms");
     app.advance(Duration::from_secs(60));
-    settle().await;
+    settle(&app).await;
     assert_eq!(
-        app.market.requests().len(),
+        app.buyer_requests().len(),
         1,
         "sent again inside the Market's window"
     );
@@ -259,7 +260,7 @@ async fn a_420_is_not_an_attempt_and_the_message_goes_when_the_window_passes() {
         done["delivery"]["attempts"], 1,
         "only the send that went through counts"
     );
-    assert_eq!(app.market.delivered().len(), 1);
+    assert_eq!(app.buyer_messages().len(), 1);
     app.stop().await;
 }
 
@@ -283,7 +284,7 @@ async fn a_restart_loses_no_queued_delivery_and_sends_each_once_in_chat_order() 
     }
     // The first of each chat has failed once; the rest wait behind it.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while app.market.requests().len() < 4
+    while app.buyer_requests().len() < 4
         || app
             .all_deliveries()
             .await
@@ -297,7 +298,7 @@ async fn a_restart_loses_no_queued_delivery_and_sends_each_once_in_chat_order() 
         );
         actix_rt::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(app.market.delivered().is_empty());
+    assert!(app.buyer_messages().is_empty());
 
     let app = app.restart().await;
     app.market.configure(|c| c.failure_rate = 0.0);
@@ -306,7 +307,7 @@ async fn a_restart_loses_no_queued_delivery_and_sends_each_once_in_chat_order() 
     for id in &ids {
         app.wait_for_state(*id, "delivered").await;
     }
-    let delivered = app.market.delivered();
+    let delivered = app.buyer_messages();
     assert_eq!(delivered.len(), 8, "each exactly once: {delivered:#?}");
     for chat in 7001..=7004 {
         let got: Vec<String> = delivered
@@ -346,7 +347,7 @@ async fn an_operator_can_send_a_dead_delivery_again() {
     assert_eq!(status, 200, "{body}");
     let done = app.wait_for_state(id, "delivered").await;
     assert_eq!(attempts(&done).len(), 2);
-    assert_eq!(app.market.delivered().len(), 1);
+    assert_eq!(app.buyer_messages().len(), 1);
     app.stop().await;
 }
 
@@ -388,7 +389,7 @@ async fn a_delivery_that_keeps_failing_is_dead_after_its_maximum_age() {
     );
     let reason = view["delivery"]["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("500"), "{reason}");
-    assert!(app.market.delivered().is_empty());
+    assert!(app.buyer_messages().is_empty());
     app.stop().await;
 }
 
@@ -418,10 +419,10 @@ async fn a_cancelled_delivery_is_never_sent() {
 
     assert_eq!(status, 200, "{body}");
     app.advance(Duration::from_secs(3_600));
-    settle().await;
+    settle(&app).await;
     let view = app.delivery(id).await;
     assert_eq!(view["delivery"]["state"], "cancelled", "{view:#}");
     assert_eq!(attempts(&view).len(), 1);
-    assert!(app.market.delivered().is_empty());
+    assert!(app.buyer_messages().is_empty());
     app.stop().await;
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatbridge::clock::ManualClock;
+use chatbridge::clock::{Clock, ManualClock};
 use chatbridge::market::fake::FakeConfig;
 use futures_util::StreamExt;
 use serde_json::json;
@@ -529,5 +529,71 @@ async fn a_quota_slot_counts_from_when_the_market_answered() {
         "the second send went {} ms after the first was answered, inside the {window_ms} ms window",
         sent[1].at - answered
     );
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_market_outage_is_retried_at_the_backoff_rate_of_the_clock() {
+    // Backoff 1 s doubling to 2 s with equal jitter: the first retry after
+    // 0.5-1 s, then at least 1 s apart: at most outage/1 s + 2 tries each.
+    const EVENTS: usize = 20;
+    const OUTAGE_MS: i64 = 20_000;
+    let clock = ManualClock::new(START);
+    let app = spawn_app_with(TestOptions {
+        fake: FakeConfig {
+            api_keys: vec![API_KEY.into()],
+            hourly_limit: 0,
+            failure_rate: 1.0,
+            ..FakeConfig::default()
+        },
+        clock: Some(clock.clone()),
+        files: burst_files(),
+        tweak: Some(Box::new(|s| {
+            s.dispatch.initial_backoff_secs = 1;
+            s.dispatch.max_backoff_secs = 2;
+            s.dispatch.lease_secs = 100_000;
+        })),
+    })
+    .await;
+    post_burst(
+        &app,
+        &(0..EVENTS)
+            .map(|seq| (111 + (seq % 5) as i64, 100 + seq as i64, seq))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    // Step the clock from one retry time to the next through the outage.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while clock.now_ms() < START + OUTAGE_MS {
+        assert!(Instant::now() < deadline, "the outage never ran its course");
+        // As `drive` does: let the sends due now happen, then jump.
+        let mut seen = app.market.requests().len();
+        loop {
+            actix_rt::time::sleep(Duration::from_millis(15)).await;
+            let now_seen = app.market.requests().len();
+            if now_seen == seen {
+                break;
+            }
+            seen = now_seen;
+        }
+        match clock.next_deadline() {
+            Some(next) => clock.set(next.min(START + OUTAGE_MS)),
+            None => clock.advance(Duration::from_millis(100)),
+        }
+    }
+    let during = app.buyer_requests().len();
+    let bound = EVENTS * (OUTAGE_MS as usize / 1000 + 2);
+    assert!(
+        during >= EVENTS * (OUTAGE_MS as usize / 2000),
+        "retried too rarely: {during} requests in {OUTAGE_MS} ms"
+    );
+    assert!(
+        during <= bound,
+        "{during} requests during a {OUTAGE_MS} ms outage; the backoff allows at most {bound}"
+    );
+    // And when the Market is back, everything goes.
+    app.market.configure(|c| c.failure_rate = 0.0);
+    drive(&app, &clock, EVENTS).await;
+    assert_eq!(app.buyer_messages().len(), EVENTS);
     app.stop().await;
 }

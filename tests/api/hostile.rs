@@ -607,6 +607,9 @@ async fn header_values_that_are_not_text_are_a_401_not_a_crash() {
     app.stop().await;
 }
 
+/// How long a cut-off test reads: 8x the 500 ms it configures, below actix's 5 s default.
+const CUT_OFF_WAIT: Duration = Duration::from_secs(4);
+
 #[actix_rt::test]
 async fn a_client_that_sends_half_a_head_and_waits_is_cut_off() {
     let app = spawn_app_with(TestOptions {
@@ -615,10 +618,13 @@ async fn a_client_that_sends_half_a_head_and_waits_is_cut_off() {
     })
     .await;
 
+    // The cut comes 0.5 s in; reading for up to 4 s is the margin for a
+    // loaded machine, and still short of actix's default 5 s, so a
+    // close seen here is this setting's doing.
     let outcome = raw_exchange(
         addr_of(&app),
         b"POST /hooks/oms HTTP/1.1\r\nHost: x\r\nContent-Type: appl".to_vec(),
-        Duration::from_secs(15),
+        CUT_OFF_WAIT,
     )
     .await;
 
@@ -630,18 +636,13 @@ async fn a_client_that_sends_half_a_head_and_waits_is_cut_off() {
         outcome.elapsed,
         String::from_utf8_lossy(&outcome.response)
     );
-    assert!(outcome.closed, "the server closes the connection");
     assert!(
-        outcome.elapsed < Duration::from_secs(5),
-        "cut off soon after client_request_timeout_ms (500 ms), not after {:?}",
-        outcome.elapsed
+        outcome.closed,
+        "not cut off within {CUT_OFF_WAIT:?} (client_request_timeout_ms = 500)"
     );
     // A client that sends nothing at all is cut off as well.
-    let outcome = raw_exchange(addr_of(&app), Vec::new(), Duration::from_secs(15)).await;
-    assert!(
-        outcome.closed && outcome.elapsed < Duration::from_secs(5),
-        "{outcome:?}"
-    );
+    let outcome = raw_exchange(addr_of(&app), Vec::new(), CUT_OFF_WAIT).await;
+    assert!(outcome.closed, "{outcome:?}");
     assert_alive(&app).await;
     app.stop().await;
 }
@@ -755,14 +756,9 @@ async fn twenty_identical_webhooks_at_once_make_one_event_one_delivery_one_messa
     }
     let id = first["deliveries"][0]["id"].as_i64().unwrap();
     app.wait_for_state(id, "delivered").await;
-    actix_rt::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(app.all_deliveries().await.len(), 1);
-    assert_eq!(
-        app.market.delivered().len(),
-        1,
-        "{:#?}",
-        app.market.requests()
-    );
+    app.caught_up().await;
+    assert_eq!(buyer_deliveries(&app).await.len(), 1);
+    assert_eq!(app.buyer_messages().len(), 1, "{:#?}", app.buyer_requests());
 
     // Still a duplicate after a restart, with a fresh signature (a sender's retry).
     let app = app.restart().await;
@@ -770,9 +766,9 @@ async fn twenty_identical_webhooks_at_once_make_one_event_one_delivery_one_messa
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["duplicate"], true);
     assert_eq!(again["deliveries"][0]["id"], id);
-    actix_rt::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(app.all_deliveries().await.len(), 1);
-    assert_eq!(app.market.requests().len(), 1);
+    app.caught_up().await;
+    assert_eq!(buyer_deliveries(&app).await.len(), 1);
+    assert_eq!(app.buyer_requests().len(), 1);
     app.stop().await;
 }
 
@@ -798,9 +794,9 @@ async fn the_same_event_under_twenty_webhook_ids_at_once_is_still_one_event() {
         "{answers:#?}"
     );
     let got = app.wait_for_delivered(1).await;
-    actix_rt::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(got.len(), 1);
-    assert_eq!(app.market.requests().len(), 1);
+    app.caught_up().await;
+    assert_eq!(app.buyer_requests().len(), 1);
     app.stop().await;
 }
 
@@ -824,6 +820,13 @@ fn retention_options(
         })),
         ..TestOptions::default()
     }
+}
+
+/// Every stored delivery but `caught_up`'s markers.
+async fn buyer_deliveries(app: &TestApp) -> Vec<Value> {
+    let mut all = app.all_deliveries().await;
+    all.retain(|d| d["business_id"] != MARKER_BUSINESS);
+    all
 }
 
 async fn find_event(app: &TestApp, id: &str) -> u16 {
@@ -850,7 +853,7 @@ async fn a_finished_event_is_pruned_after_retention_days_and_its_id_is_new_again
 
     // Within the retention: still known, still a duplicate.
     clock.advance(Duration::from_secs(23 * 3600));
-    actix_rt::time::sleep(Duration::from_millis(1200)).await;
+    app.caught_up().await;
     assert_eq!(find_event(&app, "evt-1001").await, 200);
     let (status, body) = app.post_event("oms", &event).await;
     assert_eq!(status, 200, "{body}");
@@ -862,7 +865,7 @@ async fn a_finished_event_is_pruned_after_retention_days_and_its_id_is_new_again
         assert!(Instant::now() < deadline, "never pruned");
         actix_rt::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(app.all_deliveries().await, Vec::<Value>::new());
+    assert_eq!(buyer_deliveries(&app).await, Vec::<Value>::new());
 
     let (status, again) = app.post_event("oms", &event).await;
     assert_eq!(status, 202, "a pruned id is new again: {again}");
@@ -870,7 +873,7 @@ async fn a_finished_event_is_pruned_after_retention_days_and_its_id_is_new_again
     // (SQLite may hand out the pruned delivery's id again: rowids, not AUTOINCREMENT.)
     let new_id = again["deliveries"][0]["id"].as_i64().unwrap();
     app.wait_for_state(new_id, "delivered").await;
-    assert_eq!(app.market.delivered().len(), 2);
+    assert_eq!(app.buyer_messages().len(), 2);
     app.stop().await;
 }
 
@@ -898,7 +901,7 @@ async fn an_event_with_a_delivery_still_pending_outlives_the_retention() {
 
     // Six hours on: retried, still failing, still pending.
     clock.advance(Duration::from_secs(6 * 3600));
-    actix_rt::time::sleep(Duration::from_millis(1200)).await;
+    app.caught_up().await;
     let state = app.delivery(id).await["delivery"]["state"].clone();
     assert!(
         state == "queued" || state == "sending",
@@ -907,7 +910,7 @@ async fn an_event_with_a_delivery_still_pending_outlives_the_retention() {
     // Received 25 h ago, past the 1-day retention, yet not finished: kept,
     // and its id is still a duplicate.
     clock.advance(Duration::from_secs(19 * 3600));
-    actix_rt::time::sleep(Duration::from_millis(1200)).await;
+    app.caught_up().await;
     let state = app.delivery(id).await["delivery"]["state"].clone();
     assert!(state == "queued" || state == "sending", "{state}");
     assert_eq!(find_event(&app, "evt-1001").await, 200);
@@ -966,7 +969,7 @@ fn all_output(output: &Output) -> String {
 fn serve_until_exit(root: &Path, within: Duration) -> (Option<std::process::ExitStatus>, String) {
     let log = root.join("serve.log");
     let out = std::fs::File::create(&log).unwrap();
-    let mut child = command(
+    let child = command(
         root,
         &[
             (
@@ -983,14 +986,14 @@ fn serve_until_exit(root: &Path, within: Duration) -> (Option<std::process::Exit
     .stderr(out)
     .spawn()
     .expect("start chatbridge serve");
+    let mut child = ChildGuard::new(child, None);
     let deadline = Instant::now() + within;
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.try_wait() {
             break Some(status);
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
             break None;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -1185,7 +1188,7 @@ async fn serve_logs_at_debug_show_no_secret_and_env_secrets_rotate() {
     let port = free_port();
     let log_path = root.path().join("serve.log");
     let out = std::fs::File::create(&log_path).unwrap();
-    let mut child = command(
+    let child = command(
         root.path(),
         &[
             ("RUST_LOG", "debug".into()),
@@ -1212,13 +1215,15 @@ async fn serve_logs_at_debug_show_no_secret_and_env_secrets_rotate() {
     .stderr(out)
     .spawn()
     .expect("start chatbridge serve");
+    // Killed on drop, so a failed assertion leaves no `serve` behind.
+    let mut child = ChildGuard::new(child, Some(log_path.clone()));
     let base = format!("http://127.0.0.1:{port}");
     let client = awc::Client::builder()
         .timeout(Duration::from_secs(30))
         .finish();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.try_wait() {
             panic!(
                 "serve exited ({status}):\n{}",
                 std::fs::read_to_string(&log_path).unwrap_or_default()
@@ -1287,9 +1292,20 @@ async fn serve_logs_at_debug_show_no_secret_and_env_secrets_rotate() {
         );
         actix_rt::time::sleep(Duration::from_millis(20)).await;
     }
-    actix_rt::time::sleep(Duration::from_millis(200)).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    // Both deliveries are logged once their answers are recorded.
+    while std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .matches(" delivered")
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the deliveries were never logged"
+        );
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill();
     market.stop().await;
 
     let log = std::fs::read_to_string(&log_path).unwrap();
