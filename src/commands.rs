@@ -207,10 +207,10 @@ pub fn render(config_dir: &Path, source: &str, event_file: &Path) -> i32 {
     for p in planned {
         match p.rendered {
             Ok(r) => println!(
-                "route {:?} → business {}, chat {}, {} characters:\n{}\n",
+                "route {:?} → business {}, {}, {} characters:\n{}\n",
                 p.route,
                 r.business_id,
-                r.chat_id,
+                r.target,
                 r.text.as_str().chars().count(),
                 r.text.as_str()
             ),

@@ -43,6 +43,124 @@ macro_rules! positive_id {
 positive_id!(BusinessId, "business_id");
 positive_id!(ChatId, "chat_id");
 
+/// What a Market chat is about, when the seller starts it: an order or a
+/// return (`ChatContextIdentifiableType` in `chats.openapi.yaml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ContextKind {
+    Order,
+    Return,
+}
+
+impl ContextKind {
+    /// The spelling the Market API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Order => "ORDER",
+            Self::Return => "RETURN",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ORDER" => Some(Self::Order),
+            "RETURN" => Some(Self::Return),
+            _ => None,
+        }
+    }
+
+    /// The route key that names it (`order_id`, `return_id`).
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Order => "order_id",
+            Self::Return => "return_id",
+        }
+    }
+
+    /// "order", "return": for messages to people.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Self::Order => "order",
+            Self::Return => "return",
+        }
+    }
+}
+
+/// An order or a return of a business: the chat of it is found with
+/// `chats/new`. An order's chat and a return's chat are different chats,
+/// even when the numbers are equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChatContext {
+    pub kind: ContextKind,
+    pub id: i64,
+}
+
+impl fmt::Display for ChatContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind.noun(), self.id)
+    }
+}
+
+/// Where a message goes: a chat the event names, or the chat of an order
+/// or return, found (once) with `chats/new`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Chat(ChatId),
+    Context(ChatContext),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Chat(chat) => write!(f, "chat {chat}"),
+            Self::Context(ctx) => write!(f, "the chat of {ctx} (found with chats/new)"),
+        }
+    }
+}
+
+/// The conversation a delivery belongs to, within its business: messages
+/// of one conversation go out one at a time, in the order their events
+/// were accepted. It is the chat (`chat:5001`) once the chat is known, and
+/// the order or return (`order:51234567`, `return:77`) until then; when
+/// `chats/new` names the chat, the open deliveries of the order move to
+/// the chat's conversation, keeping their order (ids ascend with
+/// acceptance).
+pub fn conversation_key(chat: Option<ChatId>, context: Option<ChatContext>) -> Option<String> {
+    match (chat, context) {
+        (Some(chat), _) => Some(format!("chat:{}", chat.0)),
+        (None, Some(ctx)) => Some(format!("{}:{}", ctx.kind.noun(), ctx.id)),
+        (None, None) => None,
+    }
+}
+
+/// The Market methods chatbridge calls for a delivery. Each has its own
+/// hourly quota and its own 420 pause; the 4-parallel cap counts them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MarketMethod {
+    /// `POST /v2/businesses/{businessId}/chats/message`.
+    #[serde(rename = "send")]
+    SendMessage,
+    /// `POST /v2/businesses/{businessId}/chats/new`: the chat of an order or return.
+    #[serde(rename = "chats/new")]
+    CreateChat,
+}
+
+impl MarketMethod {
+    pub const ALL: [MarketMethod; 2] = [Self::SendMessage, Self::CreateChat];
+
+    /// How it is stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SendMessage => "send",
+            Self::CreateChat => "chats/new",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+}
+
 /// A chat message the Market accepts: 1 to 4096 code points.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageText(String);

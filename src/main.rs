@@ -55,6 +55,9 @@ enum Command {
         /// Sends per business per window; 0 = unlimited.
         #[arg(long, default_value_t = 1000)]
         hourly_limit: u32,
+        /// chats/new calls (finding the chat of an order or return) per business per window; 0 = unlimited.
+        #[arg(long, default_value_t = 1000)]
+        chats_new_hourly_limit: u32,
         #[arg(long, default_value_t = 3600)]
         window_secs: u64,
         /// Parallel requests per business before 420; 0 = no cap.
@@ -130,6 +133,12 @@ struct FilterArgs {
     business: Option<i64>,
     #[arg(long)]
     chat: Option<i64>,
+    /// Market order id: deliveries to the chat of this order.
+    #[arg(long)]
+    order: Option<i64>,
+    /// Market return id: deliveries to the chat of this return.
+    #[arg(long = "return")]
+    return_id: Option<i64>,
     #[arg(long)]
     route: Option<String>,
     #[arg(long)]
@@ -197,6 +206,8 @@ fn main() -> ExitCode {
                     ("state", filter.state),
                     ("business_id", filter.business.map(|v| v.to_string())),
                     ("chat_id", filter.chat.map(|v| v.to_string())),
+                    ("order_id", filter.order.map(|v| v.to_string())),
+                    ("return_id", filter.return_id.map(|v| v.to_string())),
                     ("route", filter.route),
                     ("source", filter.source),
                     ("since", filter.since),
@@ -215,7 +226,7 @@ fn main() -> ExitCode {
             DeliveriesAction::Retry { id, filter } => admin_call(target, async move |t| {
                 let body = serde_json::json!({
                     "state": filter.state, "business_id": filter.business, "chat_id": filter.chat,
-                    "route": filter.route, "source": filter.source, "since": filter.since,
+                    "order_id": filter.order, "return_id": filter.return_id, "route": filter.route, "source": filter.source, "since": filter.since,
                     "until": filter.until, "limit": filter.limit,
                 });
                 admin_cli::retry(t, id, body).await
@@ -234,6 +245,7 @@ fn main() -> ExitCode {
             listen,
             api_keys,
             hourly_limit,
+            chats_new_hourly_limit,
             window_secs,
             max_in_flight,
             failure_rate,
@@ -242,10 +254,12 @@ fn main() -> ExitCode {
             let config = FakeConfig {
                 api_keys,
                 hourly_limit,
+                chats_new_hourly_limit,
                 window_secs,
                 max_in_flight,
                 failure_rate,
                 latency_ms,
+                ..FakeConfig::default()
             };
             actix_rt::System::new().block_on(commands::fake_market(&listen, config))
         }

@@ -42,11 +42,28 @@ pub struct Route {
     pub template: String,
     pub business_id: Option<IdSource>,
     pub chat_id: Option<IdSource>,
+    /// Instead of `chat_id`: the chat of this order (found with `chats/new`).
+    pub order_id: Option<IdSource>,
+    /// Instead of `chat_id`: the chat of this return.
+    pub return_id: Option<IdSource>,
     #[serde(default, rename = "continue")]
     pub continue_matching: bool,
 }
 
 impl Route {
+    /// The id fields the route sets, by name: `business_id` and the one of
+    /// `chat_id`, `order_id` or `return_id` it names.
+    pub fn id_fields(&self) -> impl Iterator<Item = (&'static str, &IdSource)> {
+        [
+            ("business_id", &self.business_id),
+            ("chat_id", &self.chat_id),
+            ("order_id", &self.order_id),
+            ("return_id", &self.return_id),
+        ]
+        .into_iter()
+        .filter_map(|(field, id)| id.as_ref().map(|id| (field, id)))
+    }
+
     /// Does this route take the event?
     pub fn matches(&self, source: &str, event_type: &str, payload: &Value) -> bool {
         self.source.as_deref().is_none_or(|s| s == source)
@@ -105,19 +122,32 @@ impl RoutingTable {
                     "{at}: event must not be empty (use \"*\" to match every event)"
                 ));
             }
-            for (field, id) in [
-                ("business_id", &route.business_id),
-                ("chat_id", &route.chat_id),
-            ] {
+            if route.business_id.is_none() {
+                out.push(format!(
+                    "{at}: no business_id; write business_id = \"{{{{businessId}}}}\" (a template over the event) or a number"
+                ));
+            }
+            let targets: Vec<&str> = route
+                .id_fields()
+                .map(|(field, _)| field)
+                .filter(|f| *f != "business_id")
+                .collect();
+            match targets.len() {
+                0 => out.push(format!(
+                    "{at}: no chat_id; write chat_id = \"{{{{chatId}}}}\", or order_id = \"{{{{orderId}}}}\" (the chat of the order) or return_id = \"{{{{returnId}}}}\" (the chat of the return): a template over the event or a number"
+                )),
+                1 => {}
+                _ => out.push(format!(
+                    "{at}: {} are all set; a route names exactly one of chat_id, order_id and return_id",
+                    targets.join(" and ")
+                )),
+            }
+            for (field, id) in route.id_fields() {
                 match id {
-                    None => out.push(format!(
-                        "{at}: no {field}; write {field} = \"{{{{{}}}}}\" (a template over the event) or a number",
-                        if field == "chat_id" { "chatId" } else { "businessId" }
-                    )),
-                    Some(IdSource::Fixed(n)) if *n < 1 => {
+                    IdSource::Fixed(n) if *n < 1 => {
                         out.push(format!("{at}: {field} = {n} must be a positive integer"))
                     }
-                    Some(IdSource::Template(t)) if t.trim().is_empty() => {
+                    IdSource::Template(t) if t.trim().is_empty() => {
                         out.push(format!("{at}: {field} must not be empty"))
                     }
                     _ => {}
@@ -264,6 +294,21 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("no chat_id"), "{err}");
+        assert!(err.contains("order_id"), "{err}");
+    }
+
+    #[test]
+    fn a_route_names_exactly_one_chat_target() {
+        let err = RoutingTable::parse(
+            "[[routes]]\nname = \"x\"\nevent = \"a\"\ntemplate = \"t\"\nbusiness_id = 1\nchat_id = 2\norder_id = \"{{orderId}}\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("chat_id and order_id"), "{err}");
+        let ok = RoutingTable::parse(
+            "[[routes]]\nname = \"x\"\nevent = \"a\"\ntemplate = \"t\"\nbusiness_id = 1\nreturn_id = \"{{returnId}}\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.routes[0].id_fields().count(), 2);
     }
 
     #[test]

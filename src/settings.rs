@@ -126,8 +126,13 @@ impl Default for TemplateSettings {
 pub struct MarketSettings {
     pub base_url: String,
     pub api_key: Option<SecretString>,
+    /// Sends (`chats/message`) per business per quota window.
     pub hourly_limit: u32,
+    /// `chats/new` calls (finding the chat of an order or return) per
+    /// business per quota window: the Market counts them apart from sends.
+    pub chats_new_hourly_limit: u32,
     pub quota_window_secs: u64,
+    /// Requests at once per business, every method together.
     pub max_in_flight: usize,
     pub request_timeout_secs: u64,
     pub businesses: BTreeMap<String, BusinessSettings>,
@@ -139,6 +144,7 @@ impl Default for MarketSettings {
             base_url: "https://api.partner.market.yandex.ru".into(),
             api_key: None,
             hourly_limit: 1000,
+            chats_new_hourly_limit: 1000,
             quota_window_secs: 3600,
             max_in_flight: 4,
             request_timeout_secs: 10,
@@ -153,6 +159,7 @@ impl Default for MarketSettings {
 pub struct BusinessSettings {
     pub api_key: Option<SecretString>,
     pub hourly_limit: Option<u32>,
+    pub chats_new_hourly_limit: Option<u32>,
     pub quota_window_secs: Option<u64>,
     pub max_in_flight: Option<usize>,
 }
@@ -162,8 +169,19 @@ pub struct BusinessSettings {
 pub struct BusinessLimits {
     pub api_key: Option<SecretString>,
     pub hourly_limit: u32,
+    pub chats_new_hourly_limit: u32,
     pub quota_window: Duration,
     pub max_in_flight: usize,
+}
+
+impl BusinessLimits {
+    /// The hourly limit of one Market method.
+    pub fn limit_of(&self, method: crate::domain::MarketMethod) -> u32 {
+        match method {
+            crate::domain::MarketMethod::SendMessage => self.hourly_limit,
+            crate::domain::MarketMethod::CreateChat => self.chats_new_hourly_limit,
+        }
+    }
 }
 
 impl MarketSettings {
@@ -177,6 +195,9 @@ impl MarketSettings {
             hourly_limit: own
                 .and_then(|b| b.hourly_limit)
                 .unwrap_or(self.hourly_limit),
+            chats_new_hourly_limit: own
+                .and_then(|b| b.chats_new_hourly_limit)
+                .unwrap_or(self.chats_new_hourly_limit),
             quota_window: Duration::from_secs(
                 own.and_then(|b| b.quota_window_secs)
                     .unwrap_or(self.quota_window_secs),
@@ -376,11 +397,12 @@ impl Settings {
             ));
         }
         if self.market.hourly_limit == 0
+            || self.market.chats_new_hourly_limit == 0
             || self.market.quota_window_secs == 0
             || self.market.max_in_flight == 0
         {
             out.push(
-                "market.hourly_limit, quota_window_secs and max_in_flight must each be at least 1"
+                "market.hourly_limit, chats_new_hourly_limit, quota_window_secs and max_in_flight must each be at least 1"
                     .into(),
             );
         }
@@ -391,6 +413,7 @@ impl Settings {
                 ));
             }
             if b.hourly_limit == Some(0)
+                || b.chats_new_hourly_limit == Some(0)
                 || b.quota_window_secs == Some(0)
                 || b.max_in_flight == Some(0)
             {

@@ -81,7 +81,7 @@ pub async fn list(target: &Target, query: &[(&str, Option<String>)]) -> i32 {
                 d["id"].to_string(),
                 d["state"].as_str().unwrap_or(""),
                 d["business_id"].to_string(),
-                d["chat_id"].to_string(),
+                chat_column(d),
                 d["route"].as_str().unwrap_or(""),
                 d["reason"].as_str().unwrap_or("")
             );
@@ -90,6 +90,20 @@ pub async fn list(target: &Target, query: &[(&str, Option<String>)]) -> i32 {
             println!("more: --after {next}");
         }
     })
+}
+
+/// The chat, or the order or return whose chat is still to be found.
+fn chat_column(d: &Value) -> String {
+    match (
+        d["chat_id"].as_i64(),
+        d["order_id"].as_i64(),
+        d["return_id"].as_i64(),
+    ) {
+        (Some(chat), _, _) => chat.to_string(),
+        (None, Some(order), _) => format!("order {order}"),
+        (None, None, Some(ret)) => format!("return {ret}"),
+        _ => "null".into(),
+    }
 }
 
 pub async fn show(target: &Target, id: i64) -> i32 {

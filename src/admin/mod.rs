@@ -66,6 +66,8 @@ struct ListQuery {
     state: Option<String>,
     business_id: Option<i64>,
     chat_id: Option<i64>,
+    order_id: Option<i64>,
+    return_id: Option<i64>,
     route: Option<String>,
     source: Option<String>,
     since: Option<String>,
@@ -91,6 +93,8 @@ impl ListQuery {
             state,
             business_id: self.business_id,
             chat_id: self.chat_id,
+            order_id: self.order_id,
+            return_id: self.return_id,
             route: self.route.clone(),
             source: self.source.clone(),
             since: parse_time("since", &self.since)?,
@@ -237,7 +241,7 @@ async fn retry_one(state: &AppState, id: i64) -> Result<Retried, ApiError> {
             let text_changed = delivery.text.as_deref() != Some(text.as_str());
             let message = RenderedMessage {
                 business_id: rendered.business_id,
-                chat_id: rendered.chat_id,
+                target: rendered.target,
                 text: text.clone(),
             };
             state.store.requeue(id, message, now).await?;
@@ -400,7 +404,11 @@ async fn queue(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespo
         let window_ms = limits.quota_window.as_millis() as i64;
         let sent = state
             .store
-            .sends_since(crate::domain::BusinessId(b.business_id), now - window_ms)
+            .calls_since(
+                crate::domain::BusinessId(b.business_id),
+                crate::domain::MarketMethod::SendMessage,
+                now - window_ms,
+            )
             .await?;
         let limit = i64::from(limits.hourly_limit);
         let quota_left = (limit - sent.len() as i64).max(0);

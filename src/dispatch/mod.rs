@@ -9,8 +9,16 @@
 //! - per business, never more than `hourly_limit` sends in any window of
 //!   `quota_window_secs` (counted from the store at start) and never more
 //!   than `max_in_flight` requests at once (a semaphore per business);
-//! - per chat, messages go in the order their events were accepted: a
-//!   delivery is claimed only when no earlier one of its chat is open;
+//! - per conversation, messages go in the order their events were
+//!   accepted: a delivery is claimed only when no earlier one of its
+//!   conversation is open. A delivery to the chat of an order or return
+//!   whose chat is not known yet is first claimed to find it
+//!   (`chats/new`): it is the only open head of that order's conversation,
+//!   so one call per order is in flight, ever; the chat is remembered in
+//!   the store, and the delivery goes back to the queue to be sent;
+//! - `chats/new` has its own quota and its own 420 pause, apart from the
+//!   sends', so new orders never stop sends to known chats, nor the other
+//!   way round; `max_in_flight` counts both methods together;
 //! - every answer maps to one state (see `retry::decide`): 200 delivered;
 //!   400/404 dead; 401 (or 403 on several chats) held, probed every
 //!   `held_retry_secs`; 420 waits for the window, not counted as an
@@ -34,10 +42,10 @@ use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::clock::{Millis, SharedClock};
-use crate::domain::{BusinessId, ChatId};
-use crate::market::client::{MarketClient, TransportError};
+use crate::domain::{conversation_key, BusinessId, MarketMethod};
+use crate::market::client::{MarketAnswer, MarketClient, TransportError};
 use crate::pipeline::Pipeline;
-use crate::store::{Attempt, Claimed, Store, StoreError, Verdict};
+use crate::store::{Attempt, ClaimLimits, Claimed, Store, StoreError, Verdict};
 use crate::telemetry::Metrics;
 use quota::QuotaLog;
 use retry::{decide, next_attempt, Decision};
@@ -46,7 +54,7 @@ use retry::{decide, next_attempt, Decision};
 const MAX_IDLE: Duration = Duration::from_millis(500);
 /// Shortest time between two rounds started by wake-ups.
 const MIN_ROUND_GAP: Duration = Duration::from_millis(2);
-/// A 403 on another chat within this span means the key, not the chat, is refused.
+/// A 403 on another conversation within this span means the key, not the chat, is refused.
 const FORBIDDEN_MEMORY_MS: Millis = 3_600_000;
 
 pub struct DispatcherHandle {
@@ -68,15 +76,44 @@ impl DispatcherHandle {
     }
 }
 
+/// One Market method's budget for one business.
+struct MethodBudget {
+    quota: QuotaLog,
+    /// The Market said this method's window is used up (420 or Remaining: 0).
+    blocked_until: Millis,
+}
+
+impl MethodBudget {
+    /// Calls that may start now, or when to look again.
+    fn available(&mut self, now: Millis) -> Result<usize, Millis> {
+        if self.blocked_until > now {
+            return Err(self.blocked_until);
+        }
+        match self.quota.available(now) as usize {
+            0 => Err(self.quota.next_free(now).unwrap_or(Millis::MAX)),
+            n => Ok(n),
+        }
+    }
+}
+
 struct Business {
     permits: Arc<Semaphore>,
     max_in_flight: usize,
-    quota: QuotaLog,
-    /// The Market said its window is used up (420 or Remaining: 0).
-    blocked_until: Millis,
+    sends: MethodBudget,
+    chat_lookups: MethodBudget,
     held: bool,
     next_probe_at: Millis,
-    forbidden_chats: Vec<(ChatId, Millis)>,
+    /// Conversations (`domain::conversation_key`) answered 403 lately.
+    forbidden: Vec<(String, Millis)>,
+}
+
+impl Business {
+    fn budget(&mut self, method: MarketMethod) -> &mut MethodBudget {
+        match method {
+            MarketMethod::SendMessage => &mut self.sends,
+            MarketMethod::CreateChat => &mut self.chat_lookups,
+        }
+    }
 }
 
 struct Shared {
@@ -206,7 +243,11 @@ async fn ensure_business(shared: &Rc<Shared>, business: BusinessId) -> Result<()
     let window_ms = limits.quota_window.as_millis() as Millis;
     if let Some(b) = shared.businesses.borrow_mut().get_mut(&business) {
         // Settings may have changed since (a reload); follow them.
-        b.quota.set_limits(limits.hourly_limit, window_ms);
+        for method in MarketMethod::ALL {
+            b.budget(method)
+                .quota
+                .set_limits(limits.limit_of(method), window_ms);
+        }
         if b.max_in_flight != limits.max_in_flight {
             let in_use = b.max_in_flight - b.permits.available_permits();
             b.permits = Arc::new(Semaphore::new(limits.max_in_flight.saturating_sub(in_use)));
@@ -215,7 +256,20 @@ async fn ensure_business(shared: &Rc<Shared>, business: BusinessId) -> Result<()
         return Ok(());
     }
     let now = shared.clock.now_ms();
-    let sent = shared.store.sends_since(business, now - window_ms).await?;
+    let mut budgets = Vec::new();
+    for method in MarketMethod::ALL {
+        let calls = shared
+            .store
+            .calls_since(business, method, now - window_ms)
+            .await?;
+        budgets.push(MethodBudget {
+            quota: QuotaLog::new(limits.limit_of(method), window_ms, calls),
+            blocked_until: 0,
+        });
+    }
+    let (Some(chat_lookups), Some(sends)) = (budgets.pop(), budgets.pop()) else {
+        return Ok(());
+    };
     shared
         .businesses
         .borrow_mut()
@@ -223,11 +277,11 @@ async fn ensure_business(shared: &Rc<Shared>, business: BusinessId) -> Result<()
         .or_insert_with(|| Business {
             permits: Arc::new(Semaphore::new(limits.max_in_flight)),
             max_in_flight: limits.max_in_flight,
-            quota: QuotaLog::new(limits.hourly_limit, window_ms, sent),
-            blocked_until: 0,
+            sends,
+            chat_lookups,
             held: false,
             next_probe_at: now,
-            forbidden_chats: Vec::new(),
+            forbidden: Vec::new(),
         });
     Ok(())
 }
@@ -289,7 +343,7 @@ async fn round(
     }
     for (id, b) in shared.businesses.borrow_mut().iter_mut() {
         let label = id.to_string();
-        let used = b.quota.used(now) as i64;
+        let used = b.sends.quota.used(now) as i64;
         shared
             .metrics
             .quota_used
@@ -299,7 +353,7 @@ async fn round(
             .metrics
             .quota_limit
             .with_label_values(&[&label])
-            .set(b.quota.limit() as i64);
+            .set(b.sends.quota.limit() as i64);
     }
 
     let held: Vec<BusinessId> = shared
@@ -328,7 +382,17 @@ async fn round(
         };
         let probe = shared
             .store
-            .claim(business, now, now + lease_ms, 1, true)
+            .claim(
+                business,
+                now,
+                now + lease_ms,
+                ClaimLimits {
+                    sends: 1,
+                    chat_lookups: 1,
+                    total: 1,
+                },
+                true,
+            )
             .await?;
         match probe.into_iter().next() {
             Some(claimed) => start_send(shared, claimed, permit, now, true),
@@ -358,38 +422,50 @@ async fn round(
             wake_at = wake_at.min(due_at);
             continue;
         }
-        if b.blocked_until > now {
-            wake_at = wake_at.min(b.blocked_until);
-            continue;
-        }
-        let quota = b.quota.available(now) as usize;
-        if quota == 0 {
-            if let Some(free) = b.quota.next_free(now) {
-                wake_at = wake_at.min(free);
+        // Each method's quota and pause apply to it alone; the request
+        // slots are shared, half each when both have work waiting.
+        let mut budget = |method| match b.budget(method).available(now) {
+            Ok(n) => n,
+            Err(at) => {
+                wake_at = wake_at.min(at);
+                0
             }
-            continue;
-        }
-        let want = quota
-            .min(b.permits.available_permits())
-            .min(dispatch.claim_batch);
-        // want == 0: all permits in use; a send finishing wakes us.
-        if want > 0 {
-            wanted.push((business, want, b.permits.clone()));
+        };
+        let sends = budget(MarketMethod::SendMessage);
+        let chat_lookups = budget(MarketMethod::CreateChat);
+        let total = b
+            .permits
+            .available_permits()
+            .min(dispatch.claim_batch)
+            .min(sends + chat_lookups);
+        let limits = ClaimLimits {
+            sends,
+            chat_lookups: if sends > 0 {
+                chat_lookups.min(total.div_ceil(2))
+            } else {
+                chat_lookups
+            },
+            total,
+        };
+        // total == 0: all permits in use (a call finishing wakes us) or
+        // both methods wait for their windows (wake_at has the time).
+        if total > 0 {
+            wanted.push((business, limits, b.permits.clone()));
         }
     }
-    let claims = futures_util::future::join_all(wanted.iter().map(|(business, want, _)| {
+    let claims = futures_util::future::join_all(wanted.iter().map(|(business, limits, _)| {
         shared
             .store
-            .claim(*business, now, now + lease_ms, *want, false)
+            .claim(*business, now, now + lease_ms, *limits, false)
     }))
     .await;
-    for ((business, want, permits), claimed) in wanted.into_iter().zip(claims) {
+    for ((business, limits, permits), claimed) in wanted.into_iter().zip(claims) {
         let claimed = claimed?;
-        if claimed.len() == want {
+        if claimed.len() == limits.total {
             // There may be more due right now.
             wake_at = now;
         } else if let Some(due) = shared.store.next_due(business, now).await? {
-            // What is left waits for a retry time (or its chat's turn).
+            // What is left waits for a retry time (or its conversation's turn).
             wake_at = wake_at.min(due);
         }
         for delivery in claimed {
@@ -406,6 +482,16 @@ async fn round(
     Ok(wake_at)
 }
 
+/// The Market method a claimed delivery needs next: its send, or first
+/// the `chats/new` call that finds its chat.
+fn method_of(claimed: &Claimed) -> MarketMethod {
+    if claimed.chat_id.is_some() {
+        MarketMethod::SendMessage
+    } else {
+        MarketMethod::CreateChat
+    }
+}
+
 fn start_send(
     shared: &Rc<Shared>,
     claimed: Claimed,
@@ -414,12 +500,14 @@ fn start_send(
     probe: bool,
 ) {
     if let Some(b) = shared.businesses.borrow_mut().get_mut(&claimed.business_id) {
-        b.quota.take(now);
+        b.budget(method_of(&claimed)).quota.take(now);
     }
     shared.in_flight.borrow_mut().insert(claimed.id);
     actix_rt::spawn(send(shared.clone(), claimed, permit, now, probe));
 }
 
+/// Makes the one Market call the claimed delivery needs, decides what the
+/// answer means, and records it.
 async fn send(
     shared: Rc<Shared>,
     claimed: Claimed,
@@ -430,25 +518,34 @@ async fn send(
     let pipeline = shared.pipeline.load_full();
     let settings = &pipeline.settings;
     let limits = settings.market.limits_for(claimed.business_id);
+    let method = method_of(&claimed);
     let started = shared.clock.now_ms();
     let wall = std::time::Instant::now();
-    let result = match &limits.api_key {
-        Some(key) => Some(
+    let result = match (&limits.api_key, claimed.chat_id, claimed.context) {
+        (Some(key), Some(chat), _) => Some(
             shared
                 .client
-                .send_message(key, claimed.business_id, claimed.chat_id, &claimed.text)
+                .send_message(key, claimed.business_id, chat, &claimed.text)
                 .await,
         ),
-        None => None,
+        (Some(key), None, Some(context)) => Some(
+            shared
+                .client
+                .create_chat(key, claimed.business_id, context)
+                .await,
+        ),
+        _ => None,
     };
     let finished = shared.clock.now_ms();
     let latency_ms = wall.elapsed().as_millis() as i64;
     let decision = match &result {
         Some(r) => decide(r),
-        None => Decision::KeyRefused(format!(
+        None if limits.api_key.is_none() => Decision::KeyRefused(format!(
             "no API key for business {0}: set market.api_key (CHATBRIDGE__MARKET__API_KEY) or [market.businesses.{0}] api_key",
             claimed.business_id
         )),
+        // The store keeps a chat or a context for every queued delivery.
+        None => Decision::Refused("the delivery has neither a chat nor an order or return".into()),
     };
     let answer = result.as_ref().and_then(|r| r.as_ref().ok());
     let counts_for_quota = match &result {
@@ -457,72 +554,103 @@ async fn send(
         None => false,
     };
     let window_ms = limits.quota_window.as_millis() as Millis;
+    let conversation = conversation_key(claimed.chat_id, claimed.context).unwrap_or_default();
+    // What the Market refused, named for the operator: a chat lookup's
+    // failure says which order or return had no chat.
+    let about = |reason: String| match (method, claimed.context) {
+        (MarketMethod::CreateChat, Some(context)) => {
+            format!("finding the chat of {context} (chats/new): {reason}")
+        }
+        _ => reason,
+    };
 
     let verdict = {
         let mut map = shared.businesses.borrow_mut();
         let business = map.get_mut(&claimed.business_id);
         let verdict = match decision {
-            Decision::Delivered => Verdict::Delivered,
-            Decision::Retry(reason) => match next_attempt(
-                &settings.dispatch,
-                claimed.attempts,
-                claimed.queued_at,
-                finished,
-            ) {
-                Some(at) => Verdict::Retry { at, reason },
-                None => Verdict::Dead {
-                    reason: format!(
-                        "gave up after {} attempts and {} s (dispatch.max_age_secs): {reason}",
-                        claimed.attempts + 1,
-                        settings.dispatch.max_age_secs
-                    ),
+            Decision::Delivered => match (method, claimed.context, answer) {
+                (MarketMethod::SendMessage, _, _) => Verdict::Delivered,
+                (
+                    MarketMethod::CreateChat,
+                    Some(context),
+                    Some(MarketAnswer {
+                        chat_id: Some(chat),
+                        ..
+                    }),
+                ) => Verdict::ChatFound {
+                    context,
+                    chat: *chat,
                 },
+                _ => retry_or_dead(
+                    settings,
+                    &claimed,
+                    finished,
+                    about(format!(
+                        "Market answered {} without result.chatId",
+                        answer.map(|a| a.status).unwrap_or_default()
+                    )),
+                ),
             },
+            Decision::Retry(reason) => retry_or_dead(settings, &claimed, finished, about(reason)),
             Decision::Throttle { until } => Verdict::Throttled {
                 until: until.filter(|&u| u > finished).unwrap_or(
                     finished + (settings.dispatch.throttle_backoff_secs * 1000) as Millis,
                 ),
             },
-            Decision::Refused(reason) => Verdict::Dead { reason },
-            Decision::KeyRefused(reason) => Verdict::Held { reason },
+            Decision::Refused(reason) => Verdict::Dead {
+                reason: about(reason),
+            },
+            Decision::KeyRefused(reason) => Verdict::Held {
+                reason: about(reason),
+            },
             Decision::Forbidden(reason) => {
-                let other_chat = business.as_ref().is_some_and(|b| {
-                    b.forbidden_chats.iter().any(|(chat, at)| {
-                        *chat != claimed.chat_id && finished - at < FORBIDDEN_MEMORY_MS
+                let elsewhere = business.as_ref().is_some_and(|b| {
+                    b.forbidden.iter().any(|(other, at)| {
+                        *other != conversation && finished - at < FORBIDDEN_MEMORY_MS
                     })
                 });
-                if other_chat {
+                if elsewhere {
                     Verdict::Held {
-                        reason: format!("{reason} (403 on several chats: the key lacks access to this business)"),
+                        reason: format!(
+                            "{} (403 on several chats: the key lacks access to this business)",
+                            about(reason)
+                        ),
                     }
                 } else {
-                    Verdict::Dead { reason }
+                    Verdict::Dead {
+                        reason: about(reason),
+                    }
                 }
             }
         };
         if let Some(b) = business {
-            b.quota.give_back(slot);
+            let budget = b.budget(method);
+            budget.quota.give_back(slot);
             if counts_for_quota {
-                b.quota.take(finished);
+                budget.quota.take(finished);
             }
             if let Some(a) = answer {
-                if a.status == 403 {
-                    b.forbidden_chats
-                        .retain(|(_, at)| finished - at < FORBIDDEN_MEMORY_MS);
-                    b.forbidden_chats.push((claimed.chat_id, finished));
-                }
                 if a.remaining == Some(0) {
-                    b.blocked_until = b.blocked_until.max(a.until.unwrap_or(finished + window_ms));
+                    budget.blocked_until = budget
+                        .blocked_until
+                        .max(a.until.unwrap_or(finished + window_ms));
                 }
             }
+            if let Verdict::Throttled { until } = &verdict {
+                budget.blocked_until = budget.blocked_until.max(*until);
+            }
+            if answer.is_some_and(|a| a.status == 403) {
+                b.forbidden
+                    .retain(|(_, at)| finished - at < FORBIDDEN_MEMORY_MS);
+                b.forbidden.push((conversation.clone(), finished));
+            }
             match &verdict {
-                Verdict::Throttled { until } => b.blocked_until = b.blocked_until.max(*until),
                 Verdict::Held { .. } if !b.held => {
                     b.held = true;
                     b.next_probe_at =
                         finished + (settings.dispatch.held_retry_secs * 1000) as Millis;
                 }
-                Verdict::Delivered if probe => b.held = false,
+                Verdict::Delivered | Verdict::ChatFound { .. } if probe => b.held = false,
                 _ => {}
             }
         }
@@ -532,6 +660,7 @@ async fn send(
     count_attempt(&shared.metrics, &claimed, &result, &verdict, latency_ms);
     log_attempt(
         &claimed,
+        method,
         answer.map(|a| a.status),
         &result,
         &verdict,
@@ -540,6 +669,7 @@ async fn send(
     let attempt = Attempt {
         delivery_id: claimed.id,
         business_id: claimed.business_id,
+        method,
         started_at: started,
         finished_at: finished,
         latency_ms,
@@ -553,17 +683,21 @@ async fn send(
         verdict: verdict.clone(),
     };
     record_patiently(&shared, attempt).await;
-    if probe && verdict == Verdict::Delivered {
+    if probe && matches!(verdict, Verdict::Delivered | Verdict::ChatFound { .. }) {
         match shared
             .store
             .release_held(claimed.business_id, shared.clock.now_ms())
             .await
         {
             Ok(n) => {
-                tracing::warn!(business = %claimed.business_id, released = n, "the business's key works again; held deliveries are queued")
+                tracing::warn!(
+                    business = claimed.business_id.0,
+                    released = n,
+                    "the business's key works again; held deliveries are queued"
+                )
             }
             Err(e) => {
-                tracing::error!(business = %claimed.business_id, error = %e, "could not release held deliveries")
+                tracing::error!(business = claimed.business_id.0, error = %e, "could not release held deliveries")
             }
         }
     }
@@ -574,6 +708,26 @@ async fn send(
         shared.idle.notify_waiters();
     }
     shared.wake.notify_one();
+}
+
+/// A retryable failure: back to the queue with backoff, or dead once the
+/// delivery has outlived `dispatch.max_age_secs`.
+fn retry_or_dead(
+    settings: &crate::settings::Settings,
+    claimed: &Claimed,
+    now: Millis,
+    reason: String,
+) -> Verdict {
+    match next_attempt(&settings.dispatch, claimed.attempts, claimed.queued_at, now) {
+        Some(at) => Verdict::Retry { at, reason },
+        None => Verdict::Dead {
+            reason: format!(
+                "gave up after {} attempts and {} s (dispatch.max_age_secs): {reason}",
+                claimed.attempts + 1,
+                settings.dispatch.max_age_secs
+            ),
+        },
+    }
 }
 
 /// The answer is known; the record must land or the message may be sent
@@ -634,7 +788,7 @@ fn count_attempt(
     }
     let state = match verdict {
         Verdict::Delivered => "delivered",
-        Verdict::Retry { .. } | Verdict::Throttled { .. } => "queued",
+        Verdict::Retry { .. } | Verdict::Throttled { .. } | Verdict::ChatFound { .. } => "queued",
         Verdict::Dead { .. } => "dead",
         Verdict::Held { .. } => "held",
     };
@@ -643,8 +797,9 @@ fn count_attempt(
 
 fn log_attempt(
     claimed: &Claimed,
+    method: MarketMethod,
     status: Option<u16>,
-    result: &Option<Result<crate::market::client::MarketAnswer, TransportError>>,
+    result: &Option<Result<MarketAnswer, TransportError>>,
     verdict: &Verdict,
     latency_ms: i64,
 ) {
@@ -657,33 +812,65 @@ fn log_attempt(
             .join(","),
         _ => String::new(),
     };
-    let status = status.map(|s| s as i64).unwrap_or(-1);
+    // Absent fields are left out of the line rather than printed empty.
+    let codes = (!codes.is_empty()).then_some(codes.as_str());
+    let order = claimed
+        .context
+        .filter(|c| c.kind == crate::domain::ContextKind::Order)
+        .map(|c| c.id);
+    let return_id = claimed
+        .context
+        .filter(|c| c.kind == crate::domain::ContextKind::Return)
+        .map(|c| c.id);
     macro_rules! log {
         ($level:ident, $msg:expr, $reason:expr) => {
             tracing::$level!(
                 delivery = claimed.id,
-                business = %claimed.business_id,
-                chat = %claimed.chat_id,
+                business = claimed.business_id.0,
+                chat = claimed.chat_id.map(|c| c.0),
+                order,
+                "return" = return_id,
+                method = method.as_str(),
                 route = %claimed.route,
                 status,
-                codes = %codes,
+                codes,
                 latency_ms,
-                reason = %$reason,
+                reason = $reason,
                 $msg
             )
         };
     }
     match verdict {
-        Verdict::Delivered => log!(info, "delivered", ""),
-        Verdict::Retry { reason, .. } => log!(warn, "send failed; will retry", reason),
-        Verdict::Throttled { .. } => {
-            log!(warn, "Market rate limit (420); waiting for its window", "")
+        Verdict::Delivered => log!(info, "delivered", None::<&str>),
+        Verdict::ChatFound { chat, .. } => tracing::info!(
+            delivery = claimed.id,
+            business = claimed.business_id.0,
+            chat = chat.0,
+            order,
+            "return" = return_id,
+            route = %claimed.route,
+            latency_ms,
+            "found the chat of the order or return (chats/new); its messages go there now"
+        ),
+        Verdict::Retry { reason, .. } => {
+            log!(
+                warn,
+                "Market call failed; will retry",
+                Some(reason.as_str())
+            )
         }
-        Verdict::Dead { reason } => log!(error, "delivery is dead", reason),
+        Verdict::Throttled { .. } => {
+            log!(
+                warn,
+                "Market rate limit (420); waiting for its window",
+                None::<&str>
+            )
+        }
+        Verdict::Dead { reason } => log!(error, "delivery is dead", Some(reason.as_str())),
         Verdict::Held { reason } => log!(
             error,
             "the business's API key is refused; holding its deliveries until it works",
-            reason
+            Some(reason.as_str())
         ),
     }
 }

@@ -111,6 +111,7 @@ mod tests {
                 remaining: None,
                 until: None,
                 latency: std::time::Duration::ZERO,
+                chat_id: None,
             })
         };
         assert_eq!(decide(&answer(200)), Decision::Delivered);

@@ -154,7 +154,7 @@ async fn accept(
             template: planned.template,
             rendered: planned.rendered.map(|r| RenderedMessage {
                 business_id: r.business_id,
-                chat_id: r.chat_id,
+                target: r.target,
                 text: r.text.into_string(),
             }),
         })

@@ -1,5 +1,7 @@
-//! Sends chat messages with awc. One request per call, no retries here:
-//! what an answer means is the dispatcher's decision. awc's client is
+//! The Market methods chatbridge calls, with awc: send a chat message, and
+//! find (or open) the chat of an order or return (`chats/new`). One request
+//! per call, no retries here: what an answer means is the dispatcher's
+//! decision. Every request carries `X-Market-Integration`. awc's client is
 //! `!Send`, so a [`MarketClient`] lives on the thread that made it.
 
 use std::time::{Duration, Instant};
@@ -8,7 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::{ApiResponse, HEADER_API_KEY, HEADER_INTEGRATION, HEADER_REMAINING, HEADER_UNTIL};
 use crate::clock::Millis;
-use crate::domain::{BusinessId, ChatId};
+use crate::domain::{BusinessId, ChatContext, ChatId};
 use crate::store::ApiErrorEntry;
 
 /// Bodies larger than this are cut: an error body is a few hundred bytes.
@@ -24,6 +26,8 @@ pub struct MarketAnswer {
     /// `X-RateLimit-Resource-Until`: when the Market's window resets.
     pub until: Option<Millis>,
     pub latency: Duration,
+    /// `result.chatId` of a `chats/new` answer.
+    pub chat_id: Option<ChatId>,
 }
 
 /// No answer at all.
@@ -74,17 +78,43 @@ impl MarketClient {
         chat: ChatId,
         text: &str,
     ) -> Result<MarketAnswer, TransportError> {
-        let url = format!(
-            "{}{}",
-            self.base_url,
-            super::send_message_path(business.0, chat.0)
-        );
+        self.post(
+            api_key,
+            &super::send_message_path(business.0, chat.0),
+            serde_json::json!({ "message": text }),
+        )
+        .await
+    }
+
+    /// `POST /v2/businesses/{businessId}/chats/new` with the order or return
+    /// as context: the Market answers with the chat, new or existing.
+    pub async fn create_chat(
+        &self,
+        api_key: &SecretString,
+        business: BusinessId,
+        context: ChatContext,
+    ) -> Result<MarketAnswer, TransportError> {
+        self.post(
+            api_key,
+            &super::create_chat_path(business.0),
+            serde_json::json!({ "context": { "type": context.kind.as_str(), "id": context.id } }),
+        )
+        .await
+    }
+
+    async fn post(
+        &self,
+        api_key: &SecretString,
+        path_and_query: &str,
+        body: serde_json::Value,
+    ) -> Result<MarketAnswer, TransportError> {
+        let url = format!("{}{path_and_query}", self.base_url);
         let started = Instant::now();
         let sent = self
             .http
             .post(url)
             .insert_header((HEADER_API_KEY, api_key.expose_secret()))
-            .send_json(&serde_json::json!({ "message": text }))
+            .send_json(&body)
             .await;
         let mut response = match sent {
             Ok(r) => r,
@@ -112,15 +142,18 @@ impl MarketClient {
             .limit(MAX_ANSWER_BYTES)
             .await
             .unwrap_or_default();
-        let errors = serde_json::from_slice::<ApiResponse>(&body)
-            .map(|r| r.errors)
-            .unwrap_or_default();
+        let parsed = serde_json::from_slice::<ApiResponse>(&body).unwrap_or_default();
         Ok(MarketAnswer {
             status,
-            errors,
+            errors: parsed.errors,
             remaining,
             until,
             latency: started.elapsed(),
+            chat_id: parsed
+                .result
+                .and_then(|r| r.chat_id)
+                .filter(|&c| c >= 1)
+                .map(ChatId),
         })
     }
 }

@@ -21,10 +21,28 @@ pub const HEADER_INTEGRATION: &str = "X-Market-Integration";
 pub struct ApiResponse {
     #[serde(default)]
     pub status: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub errors: Vec<ApiErrorEntry>,
+    /// `chats/new` answers `{"result":{"chatId":N}}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<ApiResult>,
+}
+
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+pub struct ApiResult {
+    #[serde(default, rename = "chatId", skip_serializing_if = "Option::is_none")]
+    pub chat_id: Option<i64>,
+}
+
+/// `errors` is `nullable` in the spec.
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ApiErrorEntry>, D::Error> {
+    Ok(Option::<Vec<ApiErrorEntry>>::deserialize(d)?.unwrap_or_default())
 }
 
 pub fn send_message_path(business: i64, chat: i64) -> String {
     format!("/v2/businesses/{business}/chats/message?chatId={chat}")
+}
+
+pub fn create_chat_path(business: i64) -> String {
+    format!("/v2/businesses/{business}/chats/new")
 }

@@ -13,7 +13,7 @@ use handlebars::Handlebars;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::domain::{BusinessId, ChatId, MessageText};
+use crate::domain::{BusinessId, ChatContext, ChatId, ContextKind, MessageText, Target};
 use crate::routes::{IdSource, Route, RoutingTable};
 
 pub use helpers::{format_roubles, russian_plural_form};
@@ -33,7 +33,8 @@ pub struct EventMeta {
 #[derive(Debug, Clone)]
 pub struct Rendered {
     pub business_id: BusinessId,
-    pub chat_id: ChatId,
+    /// The chat, or the order or return whose chat it goes to.
+    pub target: Target,
     pub text: MessageText,
 }
 
@@ -111,11 +112,8 @@ impl Renderer {
                     known.join(", ")
                 ));
             }
-            for (field, id) in [
-                ("business_id", &route.business_id),
-                ("chat_id", &route.chat_id),
-            ] {
-                if let Some(IdSource::Template(source)) = id {
+            for (field, id) in route.id_fields() {
+                if let IdSource::Template(source) = id {
                     if let Err(e) = self
                         .hb
                         .register_template_string(&id_template_name(&route.name, field), source)
@@ -137,15 +135,34 @@ impl Renderer {
         let business_id = self
             .render_id(route, "business_id", &route.business_id, context)
             .and_then(|raw| BusinessId::parse(&raw))?;
-        let chat_id = self
-            .render_id(route, "chat_id", &route.chat_id, context)
-            .and_then(|raw| ChatId::parse(&raw))?;
+        let target = self.render_target(route, context)?;
         let text = self.render_text(&route.template, context)?;
         Ok(Rendered {
             business_id,
-            chat_id,
+            target,
             text: MessageText::parse(text)?,
         })
+    }
+
+    /// The chat the route names, or the order or return whose chat it is.
+    pub fn render_target(&self, route: &Route, context: &Value) -> Result<Target, String> {
+        for (kind, id) in [
+            (ContextKind::Order, &route.order_id),
+            (ContextKind::Return, &route.return_id),
+        ] {
+            if id.is_some() {
+                let raw = self.render_id(route, kind.field(), id, context)?;
+                let id = ChatId::parse(&raw)
+                    .map_err(|_| {
+                        format!("{} must be a positive integer, got {raw:?}", kind.field())
+                    })?
+                    .0;
+                return Ok(Target::Context(ChatContext { kind, id }));
+            }
+        }
+        self.render_id(route, "chat_id", &route.chat_id, context)
+            .and_then(|raw| ChatId::parse(&raw))
+            .map(Target::Chat)
     }
 
     /// The message text alone, unchecked for length.

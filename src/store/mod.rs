@@ -7,7 +7,13 @@
 //! - `(source, event id)` is unique: a repeat returns the stored event;
 //! - a claim leases deliveries (`sending`, `lease_until`) in a short
 //!   transaction, never across an HTTP call, and takes a delivery only when
-//!   no earlier delivery of its chat is still waiting or in flight;
+//!   no earlier delivery of its conversation is still waiting or in flight.
+//!   A conversation is the chat, or, while the chat of an order or return
+//!   is not known, that order or return (`domain::conversation_key`): so
+//!   one `chats/new` call per order is ever in flight, and the messages
+//!   waiting behind it keep their order when the chat is found;
+//! - the chat found for `(business, order or return)` is remembered for
+//!   good, and every later delivery of that context takes it at once;
 //! - stored times come from the caller (the injected clock).
 
 mod sqlite;
@@ -16,7 +22,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::clock::Millis;
-use crate::domain::{BusinessId, ChatId, DeliveryState};
+use crate::domain::{BusinessId, ChatContext, ChatId, DeliveryState, MarketMethod, Target};
 
 pub use sqlite::SqliteStore;
 
@@ -54,7 +60,7 @@ pub struct NewDelivery {
 #[derive(Debug, Clone)]
 pub struct RenderedMessage {
     pub business_id: BusinessId,
-    pub chat_id: ChatId,
+    pub target: Target,
     pub text: String,
 }
 
@@ -87,7 +93,9 @@ pub struct Claimed {
     pub id: i64,
     pub route: String,
     pub business_id: BusinessId,
-    pub chat_id: ChatId,
+    /// `None`: the chat of `context` is not known yet; find it first.
+    pub chat_id: Option<ChatId>,
+    pub context: Option<ChatContext>,
     pub text: String,
     pub attempts: i64,
     /// When it (last) entered the queue; its maximum age counts from here.
@@ -113,6 +121,13 @@ pub enum Verdict {
     Held {
         reason: String,
     },
+    /// `chats/new` named the chat of the delivery's order or return: it is
+    /// remembered, and the delivery (with every open one of that order or
+    /// return) goes back to the queue to be sent to that chat. Not an attempt.
+    ChatFound {
+        context: ChatContext,
+        chat: ChatId,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -126,6 +141,8 @@ pub struct ApiErrorEntry {
 pub struct Attempt {
     pub delivery_id: i64,
     pub business_id: BusinessId,
+    /// Which Market method was called; each has its own quota.
+    pub method: MarketMethod,
     pub started_at: Millis,
     /// When the answer came; the quota counts a send from here, since the
     /// Market may have counted it any time up to then.
@@ -143,6 +160,8 @@ pub struct Attempt {
 #[derive(Debug, Clone, Serialize)]
 pub struct AttemptRow {
     pub at: String,
+    /// `send` or `chats/new`.
+    pub method: MarketMethod,
     pub http_status: Option<u16>,
     pub latency_ms: i64,
     pub outcome: String,
@@ -161,6 +180,11 @@ pub struct DeliveryRow {
     pub template: String,
     pub business_id: Option<i64>,
     pub chat_id: Option<i64>,
+    /// The order or return whose chat the route writes to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub return_id: Option<i64>,
     pub state: DeliveryState,
     pub reason: Option<String>,
     pub attempts: i64,
@@ -177,6 +201,8 @@ pub struct DeliveryFilter {
     pub state: Option<DeliveryState>,
     pub business_id: Option<i64>,
     pub chat_id: Option<i64>,
+    pub order_id: Option<i64>,
+    pub return_id: Option<i64>,
     pub route: Option<String>,
     pub source: Option<String>,
     pub since: Option<Millis>,
@@ -197,6 +223,17 @@ pub struct BusinessQueue {
     pub oldest_queued_at: Option<Millis>,
 }
 
+/// How many deliveries one claim may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimLimits {
+    /// Sends to known chats (the send quota left).
+    pub sends: usize,
+    /// Deliveries whose chat must be found first (the `chats/new` quota left).
+    pub chat_lookups: usize,
+    /// Both together (the business's free request slots).
+    pub total: usize,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Writes the event and its deliveries in one durable transaction, or
@@ -206,20 +243,22 @@ pub trait Store: Send + Sync + 'static {
     /// Businesses with queued deliveries, with the earliest time one is due.
     async fn queued_businesses(&self) -> StoreResult<Vec<(BusinessId, Millis)>>;
 
-    /// Leases up to `limit` due deliveries of the business, oldest first,
-    /// one chat's deliveries strictly in order. `held = true` takes from the
-    /// business's held deliveries instead (to probe whether its key works).
+    /// Leases due deliveries of the business, oldest first, only the first
+    /// open one of each conversation: up to `limits.chat_lookups` whose chat
+    /// must be found first, then sends to known chats, at most
+    /// `limits.total` in all. `held = true` takes one of the business's held
+    /// deliveries instead (to probe whether its key works).
     async fn claim(
         &self,
         business: BusinessId,
         now: Millis,
         lease_until: Millis,
-        limit: usize,
+        limits: ClaimLimits,
         held: bool,
     ) -> StoreResult<Vec<Claimed>>;
 
     /// The earliest future time a delivery of the business that is first in
-    /// its chat becomes due (a retry or a 420 wait), if any.
+    /// its conversation becomes due (a retry or a 420 wait), if any.
     async fn next_due(&self, business: BusinessId, now: Millis) -> StoreResult<Option<Millis>>;
 
     /// Records an attempt and moves its delivery to the verdict's state.
@@ -228,8 +267,21 @@ pub trait Store: Send + Sync + 'static {
     /// Gives leased deliveries back to the queue untouched (shutdown).
     async fn release(&self, ids: Vec<i64>, now: Millis) -> StoreResult<()>;
 
-    /// Finish times of the business's quota-counted sends after `since`, oldest first.
-    async fn sends_since(&self, business: BusinessId, since: Millis) -> StoreResult<Vec<Millis>>;
+    /// Finish times of the business's quota-counted calls of `method` after
+    /// `since`, oldest first.
+    async fn calls_since(
+        &self,
+        business: BusinessId,
+        method: MarketMethod,
+        since: Millis,
+    ) -> StoreResult<Vec<Millis>>;
+
+    /// The chat remembered for an order or return of the business.
+    async fn known_chat(
+        &self,
+        business: BusinessId,
+        context: ChatContext,
+    ) -> StoreResult<Option<ChatId>>;
 
     /// Returns deliveries whose lease expired (their dispatcher died) to the
     /// queue, except `ours`: this process's sends still in flight.
@@ -252,7 +304,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<StoredEvent>>;
     /// The most recent events, newest first (for a reload's regression check).
     async fn recent_events(&self, limit: usize) -> StoreResult<Vec<StoredEvent>>;
-    /// Quota-counted sends per business after `since`.
+    /// Quota-counted sends (`chats/message`) per business after `since`.
     async fn sends_per_business(&self, since: Millis) -> StoreResult<Vec<(i64, i64)>>;
     /// Puts a failed, dead or cancelled delivery back in the queue with new text.
     async fn requeue(&self, id: i64, message: RenderedMessage, now: Millis) -> StoreResult<()>;

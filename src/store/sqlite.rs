@@ -72,6 +72,28 @@ CREATE INDEX attempts_quota ON attempts (business_id, finished_at) WHERE counts_
     r#"
 CREATE INDEX events_received ON events (received_at);
 "#,
+    // Chats found by order or return, and conversations (see store/mod.rs).
+    r#"
+ALTER TABLE deliveries ADD COLUMN context_type TEXT;
+ALTER TABLE deliveries ADD COLUMN context_id INTEGER;
+ALTER TABLE deliveries ADD COLUMN conversation TEXT;
+UPDATE deliveries SET conversation = 'chat:' || chat_id WHERE chat_id IS NOT NULL;
+DROP INDEX deliveries_chat_open;
+CREATE INDEX deliveries_conversation_open ON deliveries (business_id, conversation, id)
+    WHERE state IN ('queued', 'sending', 'held');
+CREATE INDEX deliveries_context ON deliveries (context_id, context_type) WHERE context_id IS NOT NULL;
+CREATE TABLE chat_contexts (
+    business_id  INTEGER NOT NULL,
+    context_type TEXT NOT NULL,
+    context_id   INTEGER NOT NULL,
+    chat_id      INTEGER NOT NULL,
+    found_at     INTEGER NOT NULL,
+    PRIMARY KEY (business_id, context_type, context_id)
+) WITHOUT ROWID;
+ALTER TABLE attempts ADD COLUMN method TEXT NOT NULL DEFAULT 'send';
+DROP INDEX attempts_quota;
+CREATE INDEX attempts_quota ON attempts (business_id, method, finished_at) WHERE counts_quota = 1;
+"#,
 ];
 
 type WriteFn<T> = Box<dyn FnOnce(&Connection) -> StoreResult<T> + Send>;
@@ -309,7 +331,8 @@ fn event_by_id(conn: &Connection, id: i64) -> StoreResult<Option<StoredEvent>> {
 }
 
 const DELIVERY_COLUMNS: &str = "d.id, d.event_id, e.source, e.event_type, d.route, d.template, d.business_id, \
-     d.chat_id, d.state, d.reason, d.attempts, d.created_at, d.next_attempt_at, d.delivered_at, d.text";
+     d.chat_id, d.state, d.reason, d.attempts, d.created_at, d.next_attempt_at, d.delivered_at, d.text, \
+     d.context_type, d.context_id";
 
 fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
     Ok(DeliveryRow {
@@ -328,17 +351,182 @@ fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
         next_attempt_at: to_rfc3339(r.get(12)?),
         delivered_at: r.get::<_, Option<i64>>(13)?.map(to_rfc3339),
         text: r.get(14)?,
+        order_id: context_of(r.get(15)?, r.get(16)?)
+            .filter(|c| c.kind == crate::domain::ContextKind::Order)
+            .map(|c| c.id),
+        return_id: context_of(r.get(15)?, r.get(16)?)
+            .filter(|c| c.kind == crate::domain::ContextKind::Return)
+            .map(|c| c.id),
     })
+}
+
+/// Remembers the chat of an order or return, and moves every open delivery
+/// of that order or return into the chat's conversation, in their order.
+fn remember_chat(
+    conn: &Connection,
+    business: BusinessId,
+    context: ChatContext,
+    chat: ChatId,
+    now: Millis,
+) -> StoreResult<()> {
+    conn.prepare_cached(
+        "INSERT INTO chat_contexts (business_id, context_type, context_id, chat_id, found_at)
+         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            business.0,
+            context.kind.as_str(),
+            context.id,
+            chat.0,
+            now
+        ])
+    })
+    .map_err(db_error)?;
+    let from = crate::domain::conversation_key(None, Some(context));
+    let to = crate::domain::conversation_key(Some(chat), None);
+    conn.prepare_cached(
+        "UPDATE deliveries SET chat_id = ?4, conversation = ?5, updated_at = ?6
+         WHERE business_id = ?1 AND conversation = ?2 AND chat_id IS NULL
+           AND state IN ('queued', 'sending', 'held') AND context_type = ?3",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            business.0,
+            from,
+            context.kind.as_str(),
+            chat.0,
+            to,
+            now
+        ])
+    })
+    .map_err(db_error)?;
+    Ok(())
 }
 
 fn outcome_name(verdict: &Verdict) -> &'static str {
     match verdict {
+        Verdict::ChatFound { .. } => "chat_found",
         Verdict::Delivered => "delivered",
         Verdict::Retry { .. } => "retry",
         Verdict::Throttled { .. } => "throttled",
         Verdict::Dead { .. } => "dead",
         Verdict::Held { .. } => "held",
     }
+}
+
+/// A delivery's chat, context and conversation columns. The chat of an
+/// order or return is looked up inside the writing transaction: the single
+/// writer orders this against the write that records a found chat, so a
+/// delivery either sees the chat or is moved to it by that write.
+#[derive(Default)]
+struct Addressed {
+    chat: Option<i64>,
+    context_type: Option<&'static str>,
+    context_id: Option<i64>,
+    conversation: Option<String>,
+}
+
+impl Addressed {
+    fn find(conn: &Connection, business: BusinessId, target: Target) -> StoreResult<Self> {
+        let (chat, context) = match target {
+            Target::Chat(chat) => (Some(chat), None),
+            Target::Context(ctx) => (known_chat(conn, business, ctx)?, Some(ctx)),
+        };
+        Ok(Self {
+            chat: chat.map(|c| c.0),
+            context_type: context.map(|c| c.kind.as_str()),
+            context_id: context.map(|c| c.id),
+            conversation: crate::domain::conversation_key(chat, context),
+        })
+    }
+}
+
+fn known_chat(
+    conn: &Connection,
+    business: BusinessId,
+    context: ChatContext,
+) -> StoreResult<Option<ChatId>> {
+    conn.prepare_cached(
+        "SELECT chat_id FROM chat_contexts
+         WHERE business_id = ?1 AND context_type = ?2 AND context_id = ?3",
+    )
+    .and_then(|mut s| {
+        s.query_row(
+            params![business.0, context.kind.as_str(), context.id],
+            |r| Ok(ChatId(r.get(0)?)),
+        )
+        .optional()
+    })
+    .map_err(db_error)
+}
+
+fn context_of(kind: Option<String>, id: Option<i64>) -> Option<ChatContext> {
+    Some(ChatContext {
+        kind: crate::domain::ContextKind::parse(&kind?)?,
+        id: id?,
+    })
+}
+
+/// Leases due heads of their conversations: `lookups = true` those whose
+/// chat must be found first, else those with a known chat.
+fn claim_heads(
+    conn: &Connection,
+    business: BusinessId,
+    now: Millis,
+    lease_until: Millis,
+    limit: usize,
+    lookups: bool,
+) -> StoreResult<Vec<Claimed>> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    // The earliest open delivery of each conversation goes first: a later
+    // one waits while an earlier one is queued, sending or held.
+    let sql = format!(
+        "SELECT d.id FROM deliveries d INDEXED BY deliveries_due
+         WHERE d.state = 'queued' AND d.business_id = ?1 AND d.next_attempt_at <= ?2
+           AND d.chat_id IS {} NULL
+           AND NOT EXISTS (
+             SELECT 1 FROM deliveries p INDEXED BY deliveries_conversation_open
+             WHERE p.business_id = d.business_id AND p.conversation = d.conversation AND p.id < d.id
+               AND p.state IN ('queued', 'sending', 'held'))
+         ORDER BY d.next_attempt_at, d.id LIMIT ?3",
+        if lookups { "" } else { "NOT" }
+    );
+    let ids: Vec<i64> = conn
+        .prepare_cached(&sql)
+        .and_then(|mut s| {
+            s.query_map(params![business.0, now, limit as i64], |r| r.get(0))?
+                .collect()
+        })
+        .map_err(db_error)?;
+    ids.into_iter()
+        .map(|id| lease(conn, id, lease_until, now))
+        .collect()
+}
+
+fn lease(conn: &Connection, id: i64, lease_until: Millis, now: Millis) -> StoreResult<Claimed> {
+    conn.prepare_cached(
+        "UPDATE deliveries SET state = 'sending', lease_until = ?2, updated_at = ?3
+         WHERE id = ?1
+         RETURNING id, route, business_id, chat_id, text, attempts, queued_at, context_type, context_id",
+    )
+    .and_then(|mut s| {
+        s.query_row(params![id, lease_until, now], |r| {
+            Ok(Claimed {
+                id: r.get(0)?,
+                route: r.get(1)?,
+                business_id: BusinessId(r.get(2)?),
+                chat_id: r.get::<_, Option<i64>>(3)?.map(ChatId),
+                context: context_of(r.get(7)?, r.get(8)?),
+                text: r.get(4)?,
+                attempts: r.get(5)?,
+                queued_at: r.get(6)?,
+            })
+        })
+    })
+    .map_err(db_error)
 }
 
 #[async_trait]
@@ -369,26 +557,34 @@ impl Store for SqliteStore {
             let mut stmt = conn
                 .prepare_cached(
                     "INSERT INTO deliveries (event_id, route, template, business_id, chat_id, text, state,
-                         reason, created_at, queued_at, next_attempt_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?9)",
+                         reason, created_at, queued_at, next_attempt_at, updated_at,
+                         context_type, context_id, conversation)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9, ?9, ?10, ?11, ?12)",
                 )
                 .map_err(db_error)?;
             let mut deliveries = Vec::with_capacity(event.deliveries.len());
             for d in &event.deliveries {
-                let (business, chat, text, state, reason) = match &d.rendered {
-                    Ok(m) => (Some(m.business_id.0), Some(m.chat_id.0), Some(m.text.as_str()), DeliveryState::Queued, None),
-                    Err(why) => (None, None, None, DeliveryState::Failed, Some(why.as_str())),
+                let (business, text, state, reason) = match &d.rendered {
+                    Ok(m) => (Some(m.business_id.0), Some(m.text.as_str()), DeliveryState::Queued, None),
+                    Err(why) => (None, None, DeliveryState::Failed, Some(why.as_str())),
+                };
+                let at = match &d.rendered {
+                    Ok(m) => Addressed::find(conn, m.business_id, m.target)?,
+                    Err(_) => Addressed::default(),
                 };
                 stmt.execute(params![
                     event_id,
                     d.route,
                     d.template,
                     business,
-                    chat,
+                    at.chat,
                     text,
                     state.as_str(),
                     reason,
-                    event.received_at
+                    event.received_at,
+                    at.context_type,
+                    at.context_id,
+                    at.conversation
                 ])
                 .map_err(db_error)?;
                 deliveries.push(DeliverySummary {
@@ -442,56 +638,43 @@ impl Store for SqliteStore {
         business: BusinessId,
         now: Millis,
         lease_until: Millis,
-        limit: usize,
+        limits: ClaimLimits,
         held: bool,
     ) -> StoreResult<Vec<Claimed>> {
         self.write(move |conn| {
-            // The earliest open delivery of each chat goes first: a later one
-            // waits while an earlier one is queued, sending or held.
-            let sql = if held {
-                "SELECT d.id FROM deliveries d
-                 WHERE d.state = 'held' AND d.business_id = ?1
-                 ORDER BY d.id LIMIT ?3"
-            } else {
-                "SELECT d.id FROM deliveries d INDEXED BY deliveries_due
-                 WHERE d.state = 'queued' AND d.business_id = ?1 AND d.next_attempt_at <= ?2
-                   AND NOT EXISTS (
-                     SELECT 1 FROM deliveries p INDEXED BY deliveries_chat_open
-                     WHERE p.business_id = d.business_id AND p.chat_id = d.chat_id AND p.id < d.id
-                       AND p.state IN ('queued', 'sending', 'held'))
-                 ORDER BY d.next_attempt_at, d.id LIMIT ?3"
-            };
-            let ids: Vec<i64> = conn
-                .prepare_cached(sql)
-                .and_then(|mut s| {
-                    s.query_map(params![business.0, now, limit as i64], |r| r.get(0))?
-                        .collect()
-                })
-                .map_err(db_error)?;
-            let mut claimed = Vec::with_capacity(ids.len());
-            let mut lease = conn
-                .prepare_cached(
-                    "UPDATE deliveries SET state = 'sending', lease_until = ?2, updated_at = ?3
-                     WHERE id = ?1
-                     RETURNING id, route, business_id, chat_id, text, attempts, queued_at",
-                )
-                .map_err(db_error)?;
-            for id in ids {
-                let c = lease
-                    .query_row(params![id, lease_until, now], |r| {
-                        Ok(Claimed {
-                            id: r.get(0)?,
-                            route: r.get(1)?,
-                            business_id: BusinessId(r.get(2)?),
-                            chat_id: ChatId(r.get(3)?),
-                            text: r.get(4)?,
-                            attempts: r.get(5)?,
-                            queued_at: r.get(6)?,
-                        })
+            if held {
+                let ids: Vec<i64> = conn
+                    .prepare_cached(
+                        "SELECT id FROM deliveries WHERE state = 'held' AND business_id = ?1
+                         ORDER BY id LIMIT ?2",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(params![business.0, limits.total as i64], |r| r.get(0))?
+                            .collect()
                     })
                     .map_err(db_error)?;
-                claimed.push(c);
+                return ids
+                    .into_iter()
+                    .map(|id| lease(conn, id, lease_until, now))
+                    .collect();
             }
+            let mut claimed = claim_heads(
+                conn,
+                business,
+                now,
+                lease_until,
+                limits.chat_lookups.min(limits.total),
+                true,
+            )?;
+            let room = limits.total - claimed.len();
+            claimed.extend(claim_heads(
+                conn,
+                business,
+                now,
+                lease_until,
+                limits.sends.min(room),
+                false,
+            )?);
             Ok(claimed)
         })
         .await
@@ -505,8 +688,8 @@ impl Store for SqliteStore {
                 "SELECT MIN(d.next_attempt_at) FROM deliveries d INDEXED BY deliveries_due
                  WHERE d.state = 'queued' AND d.business_id = ?1 AND d.next_attempt_at > ?2
                    AND NOT EXISTS (
-                     SELECT 1 FROM deliveries p INDEXED BY deliveries_chat_open
-                     WHERE p.business_id = d.business_id AND p.chat_id = d.chat_id AND p.id < d.id
+                     SELECT 1 FROM deliveries p INDEXED BY deliveries_conversation_open
+                     WHERE p.business_id = d.business_id AND p.conversation = d.conversation AND p.id < d.id
                        AND p.state IN ('queued', 'sending', 'held'))",
                 params![business.0, now],
                 |r| r.get(0),
@@ -521,8 +704,8 @@ impl Store for SqliteStore {
             let errors = serde_json::to_string(&attempt.api_errors).unwrap_or_else(|_| "[]".into());
             conn.prepare_cached(
                 "INSERT INTO attempts (delivery_id, business_id, started_at, finished_at, latency_ms,
-                     http_status, outcome, api_errors, error, counts_quota)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                     http_status, outcome, api_errors, error, counts_quota, method)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -535,17 +718,25 @@ impl Store for SqliteStore {
                     outcome_name(&attempt.verdict),
                     errors,
                     attempt.error,
-                    attempt.counts_for_quota
+                    attempt.counts_for_quota,
+                    attempt.method.as_str()
                 ])
             })
             .map_err(db_error)?;
-            let counted = i64::from(!matches!(attempt.verdict, Verdict::Throttled { .. }));
+            if let Verdict::ChatFound { context, chat } = attempt.verdict {
+                remember_chat(conn, attempt.business_id, context, chat, now)?;
+            }
+            let counted = i64::from(!matches!(
+                attempt.verdict,
+                Verdict::Throttled { .. } | Verdict::ChatFound { .. }
+            ));
             let (state, reason, next, delivered_at) = match &attempt.verdict {
                 Verdict::Delivered => (DeliveryState::Delivered, None, now, Some(now)),
                 Verdict::Retry { at, reason } => (DeliveryState::Queued, Some(reason.clone()), *at, None),
                 Verdict::Throttled { until } => (DeliveryState::Queued, None, *until, None),
                 Verdict::Dead { reason } => (DeliveryState::Dead, Some(reason.clone()), now, None),
                 Verdict::Held { reason } => (DeliveryState::Held, Some(reason.clone()), now, None),
+                Verdict::ChatFound { .. } => (DeliveryState::Queued, None, now, None),
             };
             conn.prepare_cached(
                 "UPDATE deliveries SET state = ?2,
@@ -587,20 +778,34 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn sends_since(&self, business: BusinessId, since: Millis) -> StoreResult<Vec<Millis>> {
+    async fn calls_since(
+        &self,
+        business: BusinessId,
+        method: MarketMethod,
+        since: Millis,
+    ) -> StoreResult<Vec<Millis>> {
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT finished_at FROM attempts
-                 WHERE business_id = ?1 AND finished_at > ?2 AND counts_quota = 1
+                 WHERE business_id = ?1 AND method = ?2 AND finished_at > ?3 AND counts_quota = 1
                  ORDER BY finished_at",
             )
             .and_then(|mut s| {
-                s.query_map(params![business.0, since], |r| r.get(0))?
+                s.query_map(params![business.0, method.as_str(), since], |r| r.get(0))?
                     .collect()
             })
             .map_err(db_error)
         })
         .await
+    }
+
+    async fn known_chat(
+        &self,
+        business: BusinessId,
+        context: ChatContext,
+    ) -> StoreResult<Option<ChatId>> {
+        self.read(move |conn| known_chat(conn, business, context))
+            .await
     }
 
     async fn reclaim_expired(&self, now: Millis, ours: Vec<i64>) -> StoreResult<u64> {
@@ -653,7 +858,7 @@ impl Store for SqliteStore {
             let Some(row) = row else { return Ok(None) };
             let attempts = conn
                 .prepare_cached(
-                    "SELECT started_at, http_status, latency_ms, outcome, api_errors, error
+                    "SELECT started_at, http_status, latency_ms, outcome, api_errors, error, method
                      FROM attempts WHERE delivery_id = ?1 ORDER BY id",
                 )
                 .and_then(|mut s| {
@@ -666,6 +871,8 @@ impl Store for SqliteStore {
                             outcome: r.get(3)?,
                             api_errors: serde_json::from_str(&errors).unwrap_or_default(),
                             error: r.get(5)?,
+                            method: MarketMethod::parse(&r.get::<_, String>(6)?)
+                                .unwrap_or(MarketMethod::SendMessage),
                         })
                     })?
                     .collect()
@@ -692,6 +899,12 @@ impl Store for SqliteStore {
             }
             if let Some(c) = filter.chat_id {
                 add("d.chat_id =", c.into());
+            }
+            if let Some(o) = filter.order_id {
+                add("d.context_type = 'ORDER' AND d.context_id =", o.into());
+            }
+            if let Some(r) = filter.return_id {
+                add("d.context_type = 'RETURN' AND d.context_id =", r.into());
             }
             if let Some(r) = filter.route {
                 add("d.route =", r.into());
@@ -751,7 +964,7 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT business_id, COUNT(*) FROM attempts
-                 WHERE counts_quota = 1 AND finished_at > ?1 GROUP BY business_id",
+                 WHERE counts_quota = 1 AND method = 'send' AND finished_at > ?1 GROUP BY business_id",
             )
             .and_then(|mut s| {
                 s.query_map([since], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -764,12 +977,25 @@ impl Store for SqliteStore {
 
     async fn requeue(&self, id: i64, message: RenderedMessage, now: Millis) -> StoreResult<()> {
         self.write(move |conn| {
+            // The chat of an order is looked up again: a delivery that died
+            // on `chats/new` asks again, one whose chat is known goes there.
+            let at = Addressed::find(conn, message.business_id, message.target)?;
             let changed = conn
                 .execute(
                     "UPDATE deliveries SET state = 'queued', business_id = ?2, chat_id = ?3, text = ?4,
-                         reason = NULL, queued_at = ?5, next_attempt_at = ?5, updated_at = ?5
+                         reason = NULL, queued_at = ?5, next_attempt_at = ?5, updated_at = ?5,
+                         context_type = ?6, context_id = ?7, conversation = ?8
                      WHERE id = ?1 AND state IN ('failed', 'dead', 'cancelled')",
-                    params![id, message.business_id.0, message.chat_id.0, message.text, now],
+                    params![
+                        id,
+                        message.business_id.0,
+                        at.chat,
+                        message.text,
+                        now,
+                        at.context_type,
+                        at.context_id,
+                        at.conversation
+                    ],
                 )
                 .map_err(db_error)?;
             if changed == 0 {

@@ -109,6 +109,7 @@ fn scripted(
         business_id: business,
         chat_id: chat,
         times,
+        ..Default::default()
     }
 }
 

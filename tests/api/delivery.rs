@@ -37,6 +37,7 @@ fn answer(status: u16, errors: &[(&str, &str)]) -> ScriptedAnswer {
         business_id: None,
         chat_id: None,
         times: 1,
+        ..Default::default()
     }
 }
 

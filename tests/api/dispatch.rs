@@ -373,6 +373,7 @@ async fn new_messages_are_not_starved_behind_a_chat_that_keeps_failing() {
         business_id: Some(111),
         chat_id: Some(1),
         times: 5,
+        ..Default::default()
     });
     post_burst(&app, &[(111, 1, 0)]).await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -467,6 +468,7 @@ async fn a_420_takes_no_quota_slot() {
         business_id: Some(111),
         chat_id: None,
         times: 1,
+        ..Default::default()
     });
     let id = post_one(&app, 111, 1, 0).await;
     let throttled = app

@@ -10,5 +10,6 @@ mod hostile;
 mod ingest;
 mod openapi;
 mod operations;
+mod orders;
 mod pipeline;
 mod templates;

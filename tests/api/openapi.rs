@@ -1,19 +1,28 @@
 //! Every request chatbridge sends must be one the real Market accepts: each
-//! recorded request is checked against the official description of
-//! `sendMessageToChat` in `../shared/market-api/chats.openapi.yaml`. The
+//! recorded request is checked against the official description of its
+//! method (`sendMessageToChat`, `createChat`) in
+//! `../shared/market-api/chats.openapi.yaml`. The
 //! constraints (parameters, security scheme, media type, body schema) are
 //! read from the spec, not copied here.
 
 use std::path::PathBuf;
 
-use chatbridge::market::fake::ReceivedRequest;
+use chatbridge::market::fake::{FakeMethod, ReceivedRequest};
 use serde_json::{json, Value};
 
 use crate::helpers::*;
 
 const SPEC: &str = "../shared/market-api/chats.openapi.yaml";
-const PATH: &str = "/v2/businesses/{businessId}/chats/message";
 const METHOD: &str = "post";
+
+/// The spec's path of each method chatbridge calls.
+fn path_of(method: FakeMethod) -> &'static str {
+    match method {
+        FakeMethod::SendMessage => "/v2/businesses/{businessId}/chats/message",
+        FakeMethod::CreateChat => "/v2/businesses/{businessId}/chats/new",
+        other => panic!("chatbridge does not call {other:?}"),
+    }
+}
 
 /// The spec. A missing file is a failure here: where it is missing (a
 /// plain clone), `build.rs` compiles these tests `#[ignore]`d, so the skip
@@ -46,7 +55,7 @@ fn resolve<'a>(spec: &'a Value, mut node: &'a Value) -> &'a Value {
     panic!("$ref cycle")
 }
 
-/// The send operation as the checks need it.
+/// One operation as the checks need it.
 struct Operation<'a> {
     spec: &'a Value,
     path_template: &'a str,
@@ -56,10 +65,10 @@ struct Operation<'a> {
 }
 
 impl<'a> Operation<'a> {
-    fn from_spec(spec: &'a Value) -> Self {
-        let path_item = &spec["paths"][PATH];
+    fn from_spec(spec: &'a Value, path: &'static str) -> Self {
+        let path_item = &spec["paths"][path];
         let operation = &path_item[METHOD];
-        assert!(operation.is_object(), "{METHOD} {PATH} is not in the spec");
+        assert!(operation.is_object(), "{METHOD} {path} is not in the spec");
         let mut parameters: Vec<&Value> = Vec::new();
         // Operation parameters override path-level ones of the same name and place.
         for p in operation["parameters"]
@@ -79,7 +88,7 @@ impl<'a> Operation<'a> {
         let security = operation.get("security").unwrap_or(&spec["security"]);
         Self {
             spec,
-            path_template: PATH,
+            path_template: path,
             parameters,
             security,
             body: resolve(spec, &operation["requestBody"]),
@@ -455,7 +464,6 @@ fn validate(spec: &Value, schema: &Value, value: &Value, at: &str, out: &mut Vec
 #[actix_rt::test]
 async fn every_request_chatbridge_sends_matches_the_markets_openapi_description() {
     let spec = load_spec();
-    let operation = Operation::from_spec(&spec);
     let app = spawn_app_with(TestOptions {
         files: custom_text_files(),
         ..TestOptions::default()
@@ -472,6 +480,7 @@ async fn every_request_chatbridge_sends_matches_the_markets_openapi_description(
         "order_delivered",
         "return_approved",
         "order_cancelled",
+        "order_ready_for_pickup",
     ] {
         let (status, body) = app.post_event("oms", &sample(name)).await;
         assert_eq!(status, 202, "{name}: {body}");
@@ -490,10 +499,20 @@ async fn every_request_chatbridge_sends_matches_the_markets_openapi_description(
     }
 
     let requests = app.market.requests();
-    assert_eq!(requests.len(), 5, "{requests:#?}");
+    // Six sends, and the chats/new call that found the chat of the
+    // order-ready-for-pickup route's order.
+    assert_eq!(requests.len(), 7, "{requests:#?}");
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|r| r.method == FakeMethod::CreateChat)
+            .count(),
+        1,
+        "{requests:#?}"
+    );
     let mut problems = Vec::new();
     for r in &requests {
-        for p in operation.problems(r) {
+        for p in Operation::from_spec(&spec, path_of(r.method)).problems(r) {
             problems.push(format!(
                 "{} {}: {p}",
                 r.path_and_query,
@@ -520,8 +539,10 @@ async fn every_request_chatbridge_sends_matches_the_markets_openapi_description(
 #[test]
 fn the_spec_check_catches_requests_the_market_would_refuse() {
     let spec = load_spec();
-    let operation = Operation::from_spec(&spec);
+    let operation = Operation::from_spec(&spec, path_of(FakeMethod::SendMessage));
     let good = ReceivedRequest {
+        method: Default::default(),
+        context: None,
         business_id: 111,
         chat_id: 5001,
         message: "ok".into(),

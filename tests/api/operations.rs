@@ -194,6 +194,7 @@ fn scripted(status: u16, code: &str, message: &str, chat: Option<i64>) -> Script
         business_id: None,
         chat_id: chat,
         times: 1,
+        ..Default::default()
     }
 }
 

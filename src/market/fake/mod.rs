@@ -1,10 +1,16 @@
 //! A simulated Market Partner API, close enough to the real one that the
-//! dispatcher cannot tell: the real path, `Api-Key` check, validation per
-//! `chats.openapi.yaml`, the official error body, `X-RateLimit-Resource-*`
-//! headers, an hourly window answered with 420, the 4-in-flight cap (also
-//! 420), and switches for failures, latency and scripted answers. It keeps
-//! every request it received; `GET /_fake/messages` and `/_fake/stats` show
-//! them to tests and people.
+//! dispatcher cannot tell: the chat methods chatbridge uses on their real
+//! paths (send a message in `send.rs`; find or open the chat of an order or
+//! return, list chats and get one in `chats.rs`), the `Api-Key` check,
+//! validation per `chats.openapi.yaml`, the official error body, and per
+//! method its own hourly window with `X-RateLimit-Resource-*` headers
+//! (420 beyond it). The 4-in-flight cap counts every request on
+//! `/businesses/{id}/...` together (also 420). Switches for failures,
+//! latency and scripted answers. It keeps every request it received;
+//! `GET /_fake/messages` and `/_fake/stats` show them to tests and people.
+
+mod chats;
+mod send;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -27,6 +33,12 @@ pub struct FakeConfig {
     pub api_keys: Vec<String>,
     /// Sends per business per window; 0 = no limit.
     pub hourly_limit: u32,
+    /// `chats/new` calls per business per window; 0 = no limit.
+    pub chats_new_hourly_limit: u32,
+    /// Chat list calls (`POST .../chats`) per business per window; 0 = no limit.
+    pub get_chats_hourly_limit: u32,
+    /// `GET .../chat` calls per business per window; 0 = no limit.
+    pub get_chat_hourly_limit: u32,
     pub window_secs: u64,
     /// Parallel requests per business; 0 = no cap.
     pub max_in_flight: usize,
@@ -40,6 +52,9 @@ impl Default for FakeConfig {
         Self {
             api_keys: Vec::new(),
             hourly_limit: 1000,
+            chats_new_hourly_limit: 1000,
+            get_chats_hourly_limit: 5000,
+            get_chat_hourly_limit: 1000,
             window_secs: 3600,
             max_in_flight: 4,
             failure_rate: 0.0,
@@ -48,17 +63,48 @@ impl Default for FakeConfig {
     }
 }
 
+/// The Market methods the fake serves, named by their `operationId`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum FakeMethod {
+    #[default]
+    #[serde(rename = "sendMessageToChat")]
+    SendMessage,
+    #[serde(rename = "createChat")]
+    CreateChat,
+    #[serde(rename = "getChats")]
+    GetChats,
+    #[serde(rename = "getChat")]
+    GetChat,
+}
+
+impl FakeMethod {
+    fn hourly_limit(self, config: &FakeConfig) -> u32 {
+        match self {
+            Self::SendMessage => config.hourly_limit,
+            Self::CreateChat => config.chats_new_hourly_limit,
+            Self::GetChats => config.get_chats_hourly_limit,
+            Self::GetChat => config.get_chat_hourly_limit,
+        }
+    }
+}
+
 /// An answer to give instead of the normal one, `times` times, to requests
-/// matching the business and chat when given.
+/// of `method` (default: sends) matching the business, chat and order or
+/// return id (`context_id`, for `createChat`) when given. An unknown order
+/// is scripted as `{"method":"createChat","context_id":N,"status":404}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScriptedAnswer {
     pub status: u16,
     #[serde(default)]
     pub errors: Vec<ApiErrorEntry>,
     #[serde(default)]
+    pub method: FakeMethod,
+    #[serde(default)]
     pub business_id: Option<i64>,
     #[serde(default)]
     pub chat_id: Option<i64>,
+    #[serde(default)]
+    pub context_id: Option<i64>,
     #[serde(default = "one")]
     pub times: u32,
 }
@@ -67,10 +113,29 @@ fn one() -> u32 {
     1
 }
 
+impl Default for ScriptedAnswer {
+    fn default() -> Self {
+        Self {
+            status: 500,
+            errors: Vec::new(),
+            method: FakeMethod::default(),
+            business_id: None,
+            chat_id: None,
+            context_id: None,
+            times: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReceivedRequest {
+    pub method: FakeMethod,
     pub business_id: i64,
+    /// The chat the request names (a send), or the one `createChat` answered.
     pub chat_id: i64,
+    /// `createChat`: the context asked for (`ORDER`/`RETURN`, id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<(String, i64)>,
     pub message: String,
     pub at: Millis,
     pub status: u16,
@@ -98,7 +163,8 @@ struct FakeState {
     config: Mutex<FakeConfig>,
     clock: SharedClock,
     received: Mutex<Vec<ReceivedRequest>>,
-    windows: Mutex<HashMap<i64, Window>>,
+    windows: Mutex<HashMap<(i64, FakeMethod), Window>>,
+    chats: Mutex<chats::ChatRegistry>,
     in_flight: Mutex<HashMap<i64, usize>>,
     script: Mutex<VecDeque<ScriptedAnswer>>,
     stats: Mutex<FakeStats>,
@@ -120,6 +186,7 @@ impl FakeMarket {
             clock,
             received: Mutex::default(),
             windows: Mutex::default(),
+            chats: Mutex::default(),
             in_flight: Mutex::default(),
             script: Mutex::default(),
             stats: Mutex::default(),
@@ -131,7 +198,19 @@ impl FakeMarket {
                 .app_data(web::PayloadConfig::new(1 << 20))
                 .route(
                     "/v2/businesses/{business_id}/chats/message",
-                    web::post().to(send_message),
+                    web::post().to(send::send_message),
+                )
+                .route(
+                    "/v2/businesses/{business_id}/chats/new",
+                    web::post().to(chats::create_chat),
+                )
+                .route(
+                    "/v2/businesses/{business_id}/chats",
+                    web::post().to(chats::get_chats),
+                )
+                .route(
+                    "/v2/businesses/{business_id}/chat",
+                    web::get().to(chats::get_chat),
                 )
                 .route("/_fake/messages", web::get().to(list_messages))
                 .route("/_fake/stats", web::get().to(show_stats))
@@ -156,11 +235,20 @@ impl FakeMarket {
         format!("http://{}", self.addr)
     }
 
-    /// Requests answered 200, in arrival order.
+    /// Messages sent with 200, in arrival order.
     pub fn delivered(&self) -> Vec<ReceivedRequest> {
         lock(&self.state.received)
             .iter()
-            .filter(|r| r.status == 200)
+            .filter(|r| r.status == 200 && r.method == FakeMethod::SendMessage)
+            .cloned()
+            .collect()
+    }
+
+    /// Requests of one method, in arrival order.
+    pub fn requests_of(&self, method: FakeMethod) -> Vec<ReceivedRequest> {
+        lock(&self.state.received)
+            .iter()
+            .filter(|r| r.method == method)
             .cloned()
             .collect()
     }
@@ -215,29 +303,32 @@ impl Drop for InFlight<'_> {
     }
 }
 
-#[derive(Deserialize)]
-struct ChatQuery {
-    #[serde(rename = "chatId")]
-    chat_id: Option<String>,
+/// What a method's handler read from a request that passed its validation.
+#[derive(Default)]
+struct Parsed {
+    chat_id: Option<i64>,
+    context: Option<(String, i64)>,
+    message: Option<String>,
+    chat_filter: Option<chats::ChatFilter>,
 }
 
-async fn send_message(
+/// The checks and bookkeeping every method shares, in the Market's order:
+/// `Api-Key` (401), the business id and the method's own validation (400),
+/// the parallel cap across all methods (420), a scripted answer, the
+/// method's hourly window (420), injected failures (500); then the method's
+/// answer. Every request is recorded and answered with its method's
+/// rate-limit headers.
+async fn serve(
     state: web::Data<FakeState>,
     req: HttpRequest,
-    path: web::Path<String>,
-    body: web::Bytes,
+    method: FakeMethod,
+    business_raw: &str,
+    body: &[u8],
+    validate: impl FnOnce(&HttpRequest, &[u8]) -> Result<Parsed, String>,
 ) -> HttpResponse {
     let config = lock(&state.config).clone();
     let now = state.clock.now_ms();
-    let business = path.parse::<i64>().ok().filter(|&b| b >= 1);
-    let chat = web::Query::<ChatQuery>::from_query(req.query_string())
-        .ok()
-        .and_then(|q| q.chat_id.clone())
-        .and_then(|c| c.parse::<i64>().ok())
-        .filter(|&c| c >= 1);
-    let message = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned));
+    let business = business_raw.parse::<i64>().ok().filter(|&b| b >= 1);
     let key = req
         .headers()
         .get(HEADER_API_KEY)
@@ -246,11 +337,6 @@ async fn send_message(
     let key_ok = !key.is_empty()
         && !key.starts_with("Bearer ")
         && (config.api_keys.is_empty() || config.api_keys.iter().any(|k| k == key));
-    let is_json = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
 
     let business_key = business.unwrap_or(0);
     let in_flight_now = {
@@ -273,49 +359,60 @@ async fn send_message(
     }
 
     let window_ms = config.window_secs.max(1) as i64 * 1000;
-    let (status, errors) = if !key_ok {
-        api_error(401, "UNAUTHORIZED", "Api-Key header is missing or invalid")
+    let limit = method.hourly_limit(&config);
+    let mut parsed = Parsed::default();
+    let outcome = if !key_ok {
+        Err(api_error(
+            401,
+            "UNAUTHORIZED",
+            "Api-Key header is missing or invalid",
+        ))
     } else if business.is_none() {
-        api_error(
+        Err(api_error(
             400,
             "BAD_REQUEST",
             "businessId must be an integer of at least 1",
-        )
-    } else if chat.is_none() {
-        api_error(
-            400,
-            "BAD_REQUEST",
-            "chatId query parameter must be an integer of at least 1",
-        )
-    } else if !is_json {
-        api_error(400, "BAD_REQUEST", "Content-Type must be application/json")
-    } else if message
-        .as_ref()
-        .is_none_or(|m| m.is_empty() || m.chars().count() > 4096)
-    {
-        api_error(
-            400,
-            "BAD_REQUEST",
-            "message must be a string of 1 to 4096 characters",
-        )
-    } else if config.max_in_flight > 0 && in_flight_now > config.max_in_flight {
-        api_error(420, "HIT_RATE_LIMIT", "too many parallel requests")
-    } else if let Some(scripted) = take_script(&state, business_key, chat.unwrap_or(0)) {
-        (scripted.status, scripted.errors)
-    } else if config.hourly_limit > 0
-        && !take_quota(&state, business_key, now, window_ms, config.hourly_limit)
-    {
-        api_error(420, "HIT_RATE_LIMIT", "hourly limit reached")
-    } else if config.failure_rate > 0.0 && rand::random::<f64>() < config.failure_rate {
-        api_error(500, "INTERNAL_ERROR", "simulated failure")
+        ))
     } else {
-        (200, Vec::new())
+        match validate(&req, body) {
+            Err(why) => Err(api_error(400, "BAD_REQUEST", &why)),
+            Ok(p) => {
+                parsed = p;
+                if config.max_in_flight > 0 && in_flight_now > config.max_in_flight {
+                    Err(api_error(
+                        420,
+                        "HIT_RATE_LIMIT",
+                        "too many parallel requests",
+                    ))
+                } else if let Some(scripted) = take_script(&state, method, business_key, &parsed) {
+                    match scripted.status {
+                        // A scripted 200 answers like a real one.
+                        200 => respond(&state, business_key, method, &mut parsed),
+                        _ => Err((scripted.status, scripted.errors)),
+                    }
+                } else if limit > 0
+                    && !take_quota(&state, (business_key, method), now, window_ms, limit)
+                {
+                    Err(api_error(420, "HIT_RATE_LIMIT", "hourly limit reached"))
+                } else if config.failure_rate > 0.0 && rand::random::<f64>() < config.failure_rate {
+                    Err(api_error(500, "INTERNAL_ERROR", "simulated failure"))
+                } else {
+                    respond(&state, business_key, method, &mut parsed)
+                }
+            }
+        }
+    };
+    let (status, body_out) = match outcome {
+        Ok(result) => (200, result),
+        Err((status, errors)) => (status, json!({"status": "ERROR", "errors": errors})),
     };
 
     lock(&state.received).push(ReceivedRequest {
+        method,
         business_id: business_key,
-        chat_id: chat.unwrap_or(0),
-        message: message.unwrap_or_default(),
+        chat_id: parsed.chat_id.unwrap_or(0),
+        context: parsed.context.clone(),
+        message: parsed.message.clone().unwrap_or_default(),
         at: now,
         status,
         path_and_query: req
@@ -335,7 +432,7 @@ async fn send_message(
                 (k.as_str().to_owned(), value)
             })
             .collect(),
-        body: String::from_utf8_lossy(&body).into_owned(),
+        body: String::from_utf8_lossy(body).into_owned(),
     });
     {
         let mut stats = lock(&state.stats);
@@ -346,35 +443,53 @@ async fn send_message(
     let (used, until) = {
         let windows = lock(&state.windows);
         windows
-            .get(&business_key)
+            .get(&(business_key, method))
             .filter(|w| now < w.started + window_ms)
             .map(|w| (w.count, w.started + window_ms))
             .unwrap_or((0, now + window_ms))
     };
-    let body = if status == 200 {
-        json!({"status": "OK"})
-    } else {
-        json!({"status": "ERROR", "errors": errors})
-    };
     let mut response =
         HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap_or_default());
     // With its limit off, the fake names no limit (rather than "0 remaining").
-    if config.hourly_limit > 0 {
+    if limit > 0 {
         response
-            .insert_header((HEADER_LIMIT, config.hourly_limit.to_string()))
-            .insert_header((
-                HEADER_REMAINING,
-                config.hourly_limit.saturating_sub(used).to_string(),
-            ))
+            .insert_header((HEADER_LIMIT, limit.to_string()))
+            .insert_header((HEADER_REMAINING, limit.saturating_sub(used).to_string()))
             .insert_header((HEADER_UNTIL, format_until(until)));
     }
-    response.json(body)
+    response.json(body_out)
 }
 
-/// Counts one send in the business's fixed window; false when it is full.
-fn take_quota(state: &FakeState, business: i64, now: Millis, window_ms: i64, limit: u32) -> bool {
+/// What a method answers once every check passed.
+fn respond(
+    state: &FakeState,
+    business: i64,
+    method: FakeMethod,
+    parsed: &mut Parsed,
+) -> Result<Value, (u16, Vec<ApiErrorEntry>)> {
+    match method {
+        FakeMethod::SendMessage => Ok(json!({"status": "OK"})),
+        FakeMethod::CreateChat => Ok(chats::open_chat(state, business, parsed, now_of(state))),
+        FakeMethod::GetChats => Ok(chats::list_chats(state, business, parsed)),
+        FakeMethod::GetChat => chats::find_chat(state, business, parsed),
+    }
+}
+
+fn now_of(state: &FakeState) -> Millis {
+    state.clock.now_ms()
+}
+
+/// Counts one call in the business's fixed window of its method; false
+/// when it is full.
+fn take_quota(
+    state: &FakeState,
+    key: (i64, FakeMethod),
+    now: Millis,
+    window_ms: i64,
+    limit: u32,
+) -> bool {
     let mut windows = lock(&state.windows);
-    let w = windows.entry(business).or_default();
+    let w = windows.entry(key).or_default();
     if now >= w.started + window_ms || w.count == 0 {
         *w = Window {
             started: now,
@@ -388,10 +503,19 @@ fn take_quota(state: &FakeState, business: i64, now: Millis, window_ms: i64, lim
     true
 }
 
-fn take_script(state: &FakeState, business: i64, chat: i64) -> Option<ScriptedAnswer> {
+fn take_script(
+    state: &FakeState,
+    method: FakeMethod,
+    business: i64,
+    parsed: &Parsed,
+) -> Option<ScriptedAnswer> {
     let mut script = lock(&state.script);
     let index = script.iter().position(|s| {
-        s.business_id.is_none_or(|b| b == business) && s.chat_id.is_none_or(|c| c == chat)
+        s.method == method
+            && s.business_id.is_none_or(|b| b == business)
+            && s.chat_id.is_none_or(|c| Some(c) == parsed.chat_id)
+            && s.context_id
+                .is_none_or(|c| parsed.context.as_ref().is_some_and(|(_, id)| *id == c))
     })?;
     let entry = &mut script[index];
     entry.times = entry.times.saturating_sub(1);
