@@ -101,7 +101,16 @@ pub fn check(config_dir: &Path, examples: &Path) -> i32 {
             return 1;
         }
     };
+    if !examples.is_dir() {
+        println!(
+            "{}: examples folder not found (pass --examples DIR: a folder with one subfolder of *.json sample events per source)",
+            examples.display()
+        );
+        println!("1 problem(s) found");
+        return 1;
+    }
     let (events, mut problems) = sample_events(&pipeline.settings, examples);
+    let mut warnings = unknown_sample_folders(&pipeline.settings, examples);
     let now = SystemClock.now_ms();
     let mut used_routes = std::collections::HashSet::new();
     let mut rendered = 0;
@@ -114,7 +123,18 @@ pub fn check(config_dir: &Path, examples: &Path) -> i32 {
                 continue;
             }
         };
-        for planned in pipeline.plan(&sample.payload, &meta) {
+        let planned = pipeline.plan(&sample.payload, &meta);
+        // Not a failure: a sample may show an event that rightly sends
+        // nothing. But it is most often a typo in a route, so say it.
+        if planned.is_empty() {
+            warnings.push(format!(
+                "{}: event {:?} from source {:?} matches no route; such a webhook is stored and answered 202 with no deliveries",
+                sample.file.display(),
+                meta.event_type,
+                sample.source
+            ));
+        }
+        for planned in planned {
             used_routes.insert(planned.route.clone());
             match planned.rendered {
                 Ok(_) => rendered += 1,
@@ -137,22 +157,55 @@ pub fn check(config_dir: &Path, examples: &Path) -> i32 {
             ));
         }
     }
+    for w in &warnings {
+        println!("warning: {w}");
+    }
     for p in &problems {
         println!("{p}");
     }
     if problems.is_empty() {
         println!(
-            "ok: {} route(s), {} template(s), {} sample event(s), {} message(s) rendered",
+            "ok: {} route(s), {} template(s), {} sample event(s), {} message(s) rendered{}",
             pipeline.routes.routes.len(),
             pipeline.renderer.template_names().count(),
             events.len(),
-            rendered
+            rendered,
+            match warnings.len() {
+                0 => String::new(),
+                n => format!(", {n} warning(s)"),
+            }
         );
         0
     } else {
         println!("{} problem(s) found", problems.len());
         1
     }
+}
+
+/// Subfolders of the examples folder that name no configured source: their
+/// samples are neither checked nor posted by the demo.
+fn unknown_sample_folders(settings: &Settings, examples: &Path) -> Vec<String> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(examples)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    found.sort();
+    found
+        .into_iter()
+        .filter_map(|dir| {
+            let name = dir.file_name()?.to_str()?.to_owned();
+            (!settings.sources.contains_key(&name)).then(|| {
+                format!(
+                    "{}: no source {name:?} in {}, so these samples are not checked",
+                    dir.display(),
+                    settings.settings_file().display()
+                )
+            })
+        })
+        .collect()
 }
 
 /// `chatbridge render`: which routes match the event and the exact text.
@@ -207,12 +260,12 @@ pub fn render(config_dir: &Path, source: &str, event_file: &Path) -> i32 {
     for p in planned {
         match p.rendered {
             Ok(r) => println!(
-                "route {:?} → business {}, {}, {} characters:\n{}\n",
+                "route {:?} → business {}, {}, {} characters:\n{}",
                 p.route,
                 r.business_id,
                 r.target,
                 r.text.as_str().chars().count(),
-                r.text.as_str()
+                show_text(r.text.as_str())
             ),
             Err(e) => {
                 println!("route {:?}: cannot render: {e}\n", p.route);
@@ -221,6 +274,20 @@ pub fn render(config_dir: &Path, source: &str, event_file: &Path) -> i32 {
         }
     }
     status
+}
+
+/// The text as `render` prints it: a trailing line break, which the buyer
+/// gets too but a terminal hides, is shown as `⏎` and said in a note.
+fn show_text(text: &str) -> String {
+    let body = text.trim_end_matches('\n');
+    let breaks = text.len() - body.len();
+    if breaks == 0 {
+        return format!("{text}\n");
+    }
+    format!(
+        "{body}{}(the text ends with {breaks} line break(s), shown as ⏎; the buyer gets them too)\n",
+        "⏎\n".repeat(breaks)
+    )
 }
 
 /// `chatbridge serve`.

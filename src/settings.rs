@@ -20,17 +20,79 @@ pub const ROUTES_FILE: &str = "routes.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("{file}: {message}")]
-    Invalid { file: String, message: String },
+    /// `origin` is the file, or the environment variable the value came from.
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
 }
 
 impl SettingsError {
     fn at(file: &Path, message: impl Into<String>) -> Self {
         Self::Invalid {
-            file: file.display().to_string(),
+            origin: file.display().to_string(),
             message: message.into(),
         }
     }
+
+    /// Blames the variables that set `key`, whose value is the one in force;
+    /// or, unless the file alone has the same mistake, those that set a key
+    /// above or below it; else the file.
+    fn blame(
+        file: &Path,
+        env: &[EnvOverride],
+        key: Option<&str>,
+        in_file: bool,
+        message: String,
+    ) -> Self {
+        let Some(key) = key else {
+            return Self::at(file, message);
+        };
+        let mut vars: Vec<&EnvOverride> = env.iter().filter(|o| o.key == key).collect();
+        if vars.is_empty() && !in_file {
+            vars = env
+                .iter()
+                .filter(|o| {
+                    o.key.starts_with(&format!("{key}.")) || key.starts_with(&format!("{}.", o.key))
+                })
+                .collect();
+        }
+        Self::from_env(file, &vars, message)
+    }
+
+    fn from_env(file: &Path, vars: &[&EnvOverride], message: String) -> Self {
+        let names: Vec<&str> = vars.iter().map(|o| o.var.as_str()).collect();
+        match names.as_slice() {
+            [] => Self::at(file, message),
+            [one] => Self::Invalid {
+                origin: format!("environment variable {one}"),
+                message,
+            },
+            many => Self::Invalid {
+                origin: format!("environment variables {}", many.join(", ")),
+                message,
+            },
+        }
+    }
+}
+
+/// A `CHATBRIDGE__A__B` variable and the key it sets (`a.b`).
+struct EnvOverride {
+    var: String,
+    key: String,
+}
+
+/// The overrides in the environment, as the `config` crate reads them
+/// (names are matched without regard to case; keys are lowercased).
+fn env_overrides() -> Vec<EnvOverride> {
+    std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter_map(|var| {
+            let rest = var
+                .get(..12)
+                .filter(|p| p.eq_ignore_ascii_case("CHATBRIDGE__"))?;
+            let key = var[rest.len()..].to_lowercase().replace("__", ".");
+            Some(EnvOverride { var, key })
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -250,12 +312,25 @@ pub struct AdminSettings {
     pub token: Option<SecretString>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// By hand, so that a wrong value gets the allowed ones rather than serde's
+/// "enum LogFormat does not have variant constructor".
+impl<'de> Deserialize<'de> for LogFormat {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match String::deserialize(deserializer)?.as_str() {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a log format; write \"text\" or \"json\""
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -332,23 +407,49 @@ impl Settings {
                 "settings file not found (pass --config DIR with the folder holding chatbridge.toml)",
             ));
         }
-        let raw = config::Config::builder()
-            .add_source(config::File::from(file.as_path()).format(config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix("CHATBRIDGE")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
-            )
-            .build()
+        let env = env_overrides();
+        let build = |with_env: bool| {
+            let mut builder = config::Config::builder()
+                .add_source(config::File::from(file.as_path()).format(config::FileFormat::Toml));
+            if with_env {
+                builder = builder.add_source(
+                    config::Environment::with_prefix("CHATBRIDGE")
+                        .prefix_separator("__")
+                        .separator("__")
+                        .try_parsing(true),
+                );
+            }
+            builder.build()
+        };
+        // The file alone: when it has the same mistake, the file is to blame
+        // even if a variable touches the same table.
+        let file_alone = || -> Result<Settings, String> {
+            let raw = build(false).map_err(|e| e.to_string())?;
+            raw.try_deserialize::<Settings>()
+                .map_err(|e| explain_config_error(&e).1)
+        };
+        let raw = build(true)
             .map_err(|e| SettingsError::at(&file, without_quoted_lines(&e.to_string())))?;
-        let mut settings: Settings = raw
-            .try_deserialize()
-            .map_err(|e| SettingsError::at(&file, explain_config_error(e)))?;
+        let mut settings: Settings = raw.try_deserialize().map_err(|e| {
+            let (key, message) = explain_config_error(&e);
+            let in_file = file_alone().err().is_some_and(|m| m == message);
+            SettingsError::blame(&file, &env, key.as_deref(), in_file, message)
+        })?;
         settings.config_dir = dir.to_path_buf();
-        let problems = settings.problems();
-        if let Some(first) = problems.into_iter().next() {
-            return Err(SettingsError::at(&file, first));
+        if let Some(first) = settings.problems().into_iter().next() {
+            let in_file = file_alone().is_ok_and(|s| s.problems().contains(&first));
+            // A problem message names its keys, or their [table].
+            let vars: Vec<&EnvOverride> = env
+                .iter()
+                .filter(|_| !in_file)
+                .filter(|o| {
+                    first.contains(&o.key)
+                        || o.key
+                            .rsplit_once('.')
+                            .is_some_and(|(table, _)| first.contains(&format!("[{table}]")))
+                })
+                .collect();
+            return Err(SettingsError::from_env(&file, &vars, first));
         }
         Ok(settings)
     }
@@ -365,6 +466,9 @@ impl Settings {
     /// saying what to write instead.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let Err(why) = check_listen(&self.server.listen) {
+            out.push(format!("server.listen = {:?}: {why}", self.server.listen));
+        }
         if self.server.max_body_bytes == 0 {
             out.push("server.max_body_bytes must be at least 1".into());
         }
@@ -484,6 +588,27 @@ fn source_problems(name: &str, source: &SourceSettings) -> Vec<String> {
     out
 }
 
+/// `host:port` (or `[v6]:port`) with a port 0..=65535, as `serve` binds it;
+/// the host is resolved only by `serve`.
+fn check_listen(listen: &str) -> Result<(), String> {
+    if listen.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let example = "write host:port, such as \"127.0.0.1:8080\" or \"[::1]:8080\"";
+    let Some((host, port)) = listen.rsplit_once(':') else {
+        return Err(format!("no port; {example}"));
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("no host; {example}"));
+    }
+    if port.parse::<u16>().is_err() {
+        return Err(format!(
+            "the port {port:?} is not a number from 0 to 65535; {example}"
+        ));
+    }
+    Ok(())
+}
+
 /// Decodes a Standard Webhooks secret (`whsec_` + base64) into its key bytes.
 pub fn decode_webhook_secret(secret: &str) -> Result<Vec<u8>, String> {
     let Some(b64) = secret.strip_prefix("whsec_") else {
@@ -512,13 +637,48 @@ fn without_quoted_lines(message: &str) -> String {
         .join(": ")
 }
 
-/// The config crate's messages name the key but not what to do; add that.
-fn explain_config_error(e: config::ConfigError) -> String {
-    let text = e.to_string();
-    if text.contains("unknown field") {
-        format!("{text} (check the spelling; see README \"Configuration\" for the keys)")
-    } else {
-        text
+/// The config crate's message in our words, and the key it is about
+/// (`market.api_ky` for an unknown field `api_ky` in `[market]`).
+fn explain_config_error(e: &config::ConfigError) -> (Option<String>, String) {
+    use config::ConfigError as E;
+    let (key, what) = match e {
+        E::Type {
+            unexpected,
+            expected,
+            key,
+            ..
+        } => {
+            // The value itself may be a secret: show only its kind then.
+            let secret = key
+                .as_deref()
+                .is_some_and(|k| ["key", "secret", "token"].iter().any(|s| k.ends_with(s)));
+            let found = if secret {
+                "a value of another type".to_owned()
+            } else {
+                unexpected.to_string()
+            };
+            (key.clone(), format!("expected {expected}, found {found}"))
+        }
+        E::At { error, key, .. } => (key.clone(), error.to_string()),
+        E::NotFound(key) => (Some(key.clone()), "is required".to_owned()),
+        other => (None, other.to_string()),
+    };
+    if let Some(field) = what
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        let full = match &key {
+            Some(k) => format!("{k}.{field}"),
+            None => field.to_owned(),
+        };
+        let message = format!(
+            "{full}: {what} (check the spelling; see README \"Configuration\" for the keys)"
+        );
+        return (Some(full), message);
+    }
+    match key {
+        Some(k) => (Some(k.clone()), format!("{k}: {what}")),
+        None => (None, what),
     }
 }
 

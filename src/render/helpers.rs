@@ -19,6 +19,7 @@ pub fn register(hb: &mut Handlebars<'_>) {
     hb.register_helper("plural", Box::new(plural));
     hb.register_helper("default", Box::new(default));
     hb.register_helper("truncate", Box::new(truncate));
+    hb.register_helper(super::strict::TEXT_HELPER, Box::new(text));
 }
 
 fn fail(helper: &str, why: impl std::fmt::Display) -> RenderError {
@@ -57,6 +58,64 @@ fn as_number(helper: &str, v: &Value) -> Result<f64, RenderError> {
             .parse::<f64>()
             .map_err(|_| fail(helper, format!("{s:?} is not a number"))),
         other => Err(fail(helper, format!("{other} is not a number"))),
+    }
+}
+
+/// Every `{{value}}` printed into the text (see `strict`): a scalar as
+/// Handlebars prints it (null as nothing), an object or a list refused.
+fn text(
+    h: &Helper,
+    _: &Handlebars,
+    _: &Context,
+    _: &mut RenderContext,
+    out: &mut dyn Output,
+) -> HelperResult {
+    let param = h
+        .param(0)
+        .ok_or_else(|| fail("__text", "argument 1 is required"))?;
+    if param.is_value_missing() {
+        return Err(RenderErrorReason::MissingVariable(param.relative_path().cloned()).into());
+    }
+    out.write(&scalar_text(param)?)?;
+    Ok(())
+}
+
+/// The text of a value; an object or a list is an error that says what to
+/// write instead, naming the field.
+fn scalar_text(param: &PathAndJson<'_>) -> Result<String, RenderError> {
+    let field = param.relative_path();
+    match param.value() {
+        Value::Object(map) => {
+            let keys: Vec<&str> = map.keys().map(String::as_str).take(6).collect();
+            let example = keys.first().copied().unwrap_or("name");
+            let why = match field {
+                Some(f) => format!(
+                    "field {f:?} is an object ({{{}}}), not text: write one of its fields, such as {{{{{f}.{example}}}}}, or use {{{{#with {f}}}}}…{{{{/with}}}}",
+                    keys.join(", ")
+                ),
+                None => format!(
+                    "the value printed here is an object ({{{}}}), not text: print one of its fields instead",
+                    keys.join(", ")
+                ),
+            };
+            Err(RenderErrorReason::Other(why).into())
+        }
+        Value::Array(items) => {
+            let why = match field {
+                Some(f) => format!(
+                    "field {f:?} is a list of {} item(s), not text: write {{{{len {f}}}}} for its size, {{{{{f}.[0]}}}} for the first item, or {{{{#each {f}}}}}…{{{{/each}}}}",
+                    items.len()
+                ),
+                None => format!(
+                    "the value printed here is a list of {} item(s), not text: print one of its items or its size instead",
+                    items.len()
+                ),
+            };
+            Err(RenderErrorReason::Other(why).into())
+        }
+        Value::Null => Ok(String::new()),
+        Value::String(s) => Ok(s.clone()),
+        other => Ok(other.to_string()),
     }
 }
 
@@ -204,17 +263,17 @@ fn default(
     _: &mut RenderContext,
     out: &mut dyn Output,
 ) -> HelperResult {
-    let fallback = required(h, "default", 1)?;
-    let value = h
-        .param(0)
-        .filter(|p| !p.is_value_missing())
-        .map(|p| p.value());
-    let chosen = match value {
-        None | Some(Value::Null) => fallback,
-        Some(Value::String(s)) if s.is_empty() => fallback,
-        Some(v) => v,
+    required(h, "default", 1)?;
+    let value = h.param(0).filter(|p| !p.is_value_missing());
+    let chosen = match value.map(|p| p.value()) {
+        None | Some(Value::Null) => h.param(1),
+        Some(Value::String(s)) if s.is_empty() => h.param(1),
+        Some(_) => value,
     };
-    out.write(&plain_text(chosen))?;
+    match chosen {
+        Some(p) => out.write(&scalar_text(p)?)?,
+        None => return Err(fail("default", "argument 2 is required")),
+    }
     Ok(())
 }
 
@@ -227,7 +286,8 @@ fn truncate(
     _: &mut RenderContext,
     out: &mut dyn Output,
 ) -> HelperResult {
-    let text = plain_text(required(h, "truncate", 0)?);
+    required(h, "truncate", 0)?;
+    let text = h.param(0).map(scalar_text).transpose()?.unwrap_or_default();
     let limit = match required(h, "truncate", 1)? {
         Value::Number(n) => n.as_u64().filter(|&n| n > 0),
         _ => None,
@@ -250,13 +310,6 @@ pub fn truncate_chars(text: &str, limit: usize, suffix: &str) -> String {
     let mut cut: String = text.chars().take(keep).collect();
     cut.push_str(suffix);
     cut
-}
-
-fn plain_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -5,8 +5,9 @@
 //! against the Market's 1..4096 character bound.
 
 mod helpers;
+mod strict;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use handlebars::Handlebars;
@@ -17,6 +18,7 @@ use crate::domain::{BusinessId, ChatContext, ChatId, ContextKind, MessageText, T
 use crate::routes::{IdSource, Route, RoutingTable};
 
 pub use helpers::{format_roubles, russian_plural_form};
+pub use strict::{BUILTIN_HELPERS, OUR_HELPERS};
 
 /// What the renderer knows about the event besides its payload; templates
 /// see it as `_event` (`{{_event.source}}`, `{{_event.type}}`, ...).
@@ -41,6 +43,10 @@ pub struct Rendered {
 pub struct Renderer {
     hb: Handlebars<'static>,
     templates: BTreeSet<String>,
+    partials: BTreeSet<String>,
+    /// Template and partial sources by name, to quote the expression a
+    /// render error points at.
+    sources: BTreeMap<String, String>,
 }
 
 impl Renderer {
@@ -53,6 +59,9 @@ impl Renderer {
         helpers::register(&mut hb);
         let mut problems = Vec::new();
         let mut templates = BTreeSet::new();
+        let mut partials = BTreeSet::new();
+        let mut sources = BTreeMap::new();
+        let mut files = Vec::new();
         for (path, is_partial) in hbs_files(&dir.join("partials"), true)
             .into_iter()
             .chain(hbs_files(dir, false))
@@ -68,14 +77,28 @@ impl Renderer {
                 }
             };
             let registered = if is_partial {
-                hb.register_partial(&name, source)
+                partials.insert(name.clone());
+                hb.register_partial(&name, &source)
             } else {
                 templates.insert(name.clone());
-                hb.register_template_string(&name, source)
+                hb.register_template_string(&name, &source)
             };
-            if let Err(e) = registered {
-                let hint = unclosed_block_hint(&std::fs::read_to_string(&path).unwrap_or_default());
-                problems.push(format!("{}: {}{hint}", path.display(), template_error(&e)));
+            match registered {
+                Ok(()) => files.push((name.clone(), path.clone())),
+                Err(e) => {
+                    let hint = unclosed_block_hint(&source);
+                    problems.push(format!("{}: {}{hint}", path.display(), template_error(&e)));
+                }
+            }
+            sources.insert(name, source);
+        }
+        // Only once every partial is known can calls to them be checked.
+        for (name, path) in files {
+            if let Some(mut compiled) = hb.get_template(&name).cloned() {
+                for p in strict::harden(&mut compiled, &hb, &partials) {
+                    problems.push(format!("{}: {p}", path.display()));
+                }
+                hb.register_template(&name, compiled);
             }
         }
         if !dir.is_dir() {
@@ -85,7 +108,12 @@ impl Renderer {
             ));
         }
         if problems.is_empty() {
-            Ok(Self { hb, templates })
+            Ok(Self {
+                hb,
+                templates,
+                partials,
+                sources,
+            })
         } else {
             Err(problems)
         }
@@ -114,11 +142,17 @@ impl Renderer {
             }
             for (field, id) in route.id_fields() {
                 if let IdSource::Template(source) = id {
-                    if let Err(e) = self
-                        .hb
-                        .register_template_string(&id_template_name(&route.name, field), source)
-                    {
-                        problems.push(format!("{at}: {field}: {}", template_error(&e)));
+                    let name = id_template_name(&route.name, field);
+                    match handlebars::Template::compile(source) {
+                        Ok(mut compiled) => {
+                            for p in strict::harden(&mut compiled, &self.hb, &self.partials) {
+                                problems.push(format!("{at}: {field}: {p}"));
+                            }
+                            compiled.name = Some(name.clone());
+                            self.hb.register_template(&name, compiled);
+                            self.sources.insert(name, source.clone());
+                        }
+                        Err(e) => problems.push(format!("{at}: {field}: {}", template_error(&e))),
                     }
                 }
             }
@@ -169,7 +203,7 @@ impl Renderer {
     pub fn render_text(&self, template: &str, context: &Value) -> Result<String, String> {
         self.hb
             .render(template, context)
-            .map_err(|e| format!("template {template:?}: {}", render_error(&e)))
+            .map_err(|e| format!("template {template:?}: {}", self.render_error(&e)))
     }
 
     fn render_id(
@@ -195,7 +229,7 @@ impl Renderer {
             Some(IdSource::Template(_)) => self
                 .hb
                 .render(&id_template_name(&route.name, field), context)
-                .map_err(|e| format!("{field}: {}", render_error(&e))),
+                .map_err(|e| format!("{field}: {}", self.render_error(&e))),
             None => Err(format!("route {:?} has no {field}", route.name)),
         }
     }
@@ -292,21 +326,60 @@ fn template_error(e: &handlebars::TemplateError) -> String {
     }
 }
 
-fn render_error(e: &handlebars::RenderError) -> String {
-    let mut text = match e.reason() {
-        handlebars::RenderErrorReason::MissingVariable(Some(path)) => {
-            format!("field {path:?} is missing from the event")
+impl Renderer {
+    /// A render error in our words: what is wrong, what to write instead,
+    /// and where (line and column; the partial when it is in one).
+    fn render_error(&self, e: &handlebars::RenderError) -> String {
+        use handlebars::RenderErrorReason as R;
+        let mut text = match e.reason() {
+            R::MissingVariable(Some(path)) => format!("field {path:?} is missing from the event"),
+            R::MissingVariable(None) => "a value is missing from the event".into(),
+            R::HelperNotFound(name) => strict::unknown_helper_message(name),
+            R::PartialNotFound(name) => strict::unknown_partial_message(name, &self.partials),
+            R::InvalidJsonIndex(key) => {
+                let expression = self.expression_at(e).unwrap_or_default();
+                let list = expression
+                    .split_once(&format!(".{key}"))
+                    .map(|(list, _)| list.trim())
+                    .filter(|l| !l.is_empty())
+                    .unwrap_or("items");
+                format!(
+                    "{list:?} is a list, and a list has no field {key:?}: write {{{{len {list}}}}} for its size, or {{{{{list}.[0]}}}} for the first item"
+                )
+            }
+            other => other.to_string(),
+        };
+        if let Some(line) = e.line_no {
+            text.push_str(" (");
+            if let Some(partial) = e
+                .template_name
+                .as_ref()
+                .filter(|n| self.partials.contains(*n))
+            {
+                text.push_str(&format!("partial {partial:?}, "));
+            }
+            text.push_str(&format!("line {line}"));
+            if let Some(col) = e.column_no {
+                text.push_str(&format!(", column {col}"));
+            }
+            text.push(')');
         }
-        other => other.to_string(),
-    };
-    if let Some(line) = e.line_no {
-        text.push_str(&format!(" (line {line}"));
-        if let Some(col) = e.column_no {
-            text.push_str(&format!(", column {col}"));
-        }
-        text.push(')');
+        text
     }
-    text
+
+    /// The `{{...}}` a render error points at, without its braces.
+    fn expression_at(&self, e: &handlebars::RenderError) -> Option<String> {
+        let source = self.sources.get(e.template_name.as_ref()?)?;
+        let line = source.lines().nth(e.line_no?.checked_sub(1)?)?;
+        let rest: String = line.chars().skip(e.column_no?.saturating_sub(1)).collect();
+        let inner = rest.strip_prefix("{{")?;
+        let end = inner.find("}}")?;
+        Some(
+            inner[..end]
+                .trim_matches(|c: char| c == '{' || c == '~' || c.is_whitespace())
+                .to_owned(),
+        )
+    }
 }
 
 #[cfg(test)]
