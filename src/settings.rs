@@ -74,6 +74,24 @@ impl SettingsError {
     }
 }
 
+/// Does a problem message name `key`: in full (`server.listen`), as its
+/// `[table]`, or as a list of one table's keys ("dispatch.lease_secs and
+/// claim_batch")?
+fn names_key(message: &str, key: &str) -> bool {
+    let Some((table, field)) = key.rsplit_once('.') else {
+        return message.contains(key);
+    };
+    let is_word_char = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let has_word = message.match_indices(field).any(|(at, _)| {
+        let before = message[..at].chars().next_back();
+        let after = message[at + field.len()..].chars().next();
+        !before.is_some_and(is_word_char) && !after.is_some_and(is_word_char)
+    });
+    message.contains(key)
+        || message.contains(&format!("[{table}]"))
+        || (message.contains(&format!("{table}.")) && has_word)
+}
+
 /// A `CHATBRIDGE__A__B` variable and the key it sets (`a.b`).
 struct EnvOverride {
     var: String,
@@ -442,12 +460,7 @@ impl Settings {
             let vars: Vec<&EnvOverride> = env
                 .iter()
                 .filter(|_| !in_file)
-                .filter(|o| {
-                    first.contains(&o.key)
-                        || o.key
-                            .rsplit_once('.')
-                            .is_some_and(|(table, _)| first.contains(&format!("[{table}]")))
-                })
+                .filter(|o| names_key(&first, &o.key))
                 .collect();
             return Err(SettingsError::from_env(&file, &vars, first));
         }
@@ -685,6 +698,16 @@ fn explain_config_error(e: &config::ConfigError) -> (Option<String>, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn problems_are_traced_to_the_keys_they_name() {
+        let m = "dispatch.initial_backoff_secs, lease_secs and claim_batch must each be at least 1";
+        assert!(names_key(m, "dispatch.claim_batch"));
+        assert!(names_key(m, "dispatch.lease_secs"));
+        assert!(!names_key(m, "dispatch.max_backoff_secs"));
+        assert!(!names_key(m, "market.max_in_flight"));
+        assert!(names_key("[sources.oms]: no secret", "sources.oms.secret"));
+    }
 
     #[test]
     fn secret_lists_never_show_in_debug() {

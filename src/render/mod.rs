@@ -334,6 +334,10 @@ impl Renderer {
         let mut text = match e.reason() {
             R::MissingVariable(Some(path)) => format!("field {path:?} is missing from the event"),
             R::MissingVariable(None) => "a value is missing from the event".into(),
+            R::ParamNotFoundForIndex(helper, i) => format!(
+                "helper {helper:?}: argument {} is missing (is the field it names missing from the event? guard it with {{{{#if field}}}})",
+                i + 1
+            ),
             R::HelperNotFound(name) => strict::unknown_helper_message(name),
             R::PartialNotFound(name) => strict::unknown_partial_message(name, &self.partials),
             R::InvalidJsonIndex(key) => {

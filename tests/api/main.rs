@@ -2,6 +2,7 @@
 //! over real HTTP on loopback.
 
 mod admin;
+mod config_errors;
 mod crash;
 mod delivery;
 mod dispatch;

@@ -291,3 +291,82 @@ async fn a_failed_delivery_sends_the_fixed_template_when_an_operator_retries_it(
     assert_eq!(app.market.delivered()[0].chat_id, 5002);
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn an_object_printed_as_text_fails_the_delivery_naming_the_field_and_sends_nothing() {
+    let mut files = custom_text_files();
+    files.push((
+        "templates/order_shipped.hbs".into(),
+        "Заказ {{orderId}} {{tracking}}".into(),
+    ));
+    let app = spawn_app_with(TestOptions {
+        files,
+        ..TestOptions::default()
+    })
+    .await;
+
+    let (status, body) = app.post_event("oms", &sample("order_shipped")).await;
+
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["deliveries"][0]["state"], "failed", "{body}");
+    let stored = app
+        .delivery(body["deliveries"][0]["id"].as_i64().unwrap())
+        .await;
+    let reason = stored["delivery"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("field \"tracking\" is an object") && reason.contains("line 1, column 19"),
+        "reason must name the field, line and column: {reason}"
+    );
+    barrier(&app).await;
+    assert!(
+        app.market.requests().iter().all(|r| r.chat_id == 9999),
+        "no \"[object]\" reached a buyer: {:#?}",
+        app.market.requests()
+    );
+    app.stop().await;
+}
+
+/// The Handlebars built-ins that work under our strict, unescaped
+/// registry (the README lists them): blocks over objects and lists,
+/// comparisons, `lookup` and `len`.
+#[actix_rt::test]
+async fn handlebars_builtins_work_on_objects_and_lists_in_a_message() {
+    let mut files = custom_text_files();
+    files.push((
+        "templates/custom_text.hbs".into(),
+        concat!(
+            "{{#with order}}№{{id}}{{/with}}; ",
+            "{{#each order.items}}{{@index}}:{{sku}}×{{qty}}{{#unless @last}}, {{/unless}}{{/each}}; ",
+            "{{#each order.delivery}}{{@key}}={{this}}{{/each}}; ",
+            "{{#if order.paid}}оплачен{{else}}не оплачен{{/if}}; ",
+            "{{#if order.missing}}-{{else}}нет поля{{/if}}; ",
+            "{{#if (eq order.delivery.type \"COURIER\")}}курьер{{/if}} ",
+            "{{#if (and (gt (len order.items) 1) (not order.gift))}}много{{/if}} ",
+            "{{#if (or (lt 1 0) (gte 2 2) (lte 3 1) (ne 1 2))}}да{{/if}}; ",
+            "{{lookup order.tags 1}} {{lookup order.delivery \"type\"}} {{len order.items}}; ",
+            "{{{{raw}}}}{{as is}}{{{{/raw}}}}",
+        )
+        .into(),
+    ));
+    let app = spawn_app_with(TestOptions {
+        files,
+        ..TestOptions::default()
+    })
+    .await;
+    let event = json!({"id": "bi-1", "type": "custom.text", "businessId": 111, "chatId": 80,
+        "order": {"id": 7, "paid": true, "gift": false, "tags": ["a", "b"],
+                  "delivery": {"type": "COURIER"},
+                  "items": [{"sku": "X", "qty": 2}, {"sku": "Y", "qty": 1}]}});
+
+    let (status, body) = app.post_event("oms", &event).await;
+    assert_eq!(status, 202, "{body}");
+    let done = app
+        .wait_for_state(body["deliveries"][0]["id"].as_i64().unwrap(), "delivered")
+        .await;
+
+    assert_eq!(
+        done["delivery"]["text"],
+        "№7; 0:X×2, 1:Y×1; type=COURIER; оплачен; нет поля; курьер много да; b COURIER 2; {{as is}}"
+    );
+    app.stop().await;
+}
