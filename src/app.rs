@@ -33,6 +33,8 @@ pub struct Application {
     dispatcher: dispatch::DispatcherHandle,
     handle_signals: bool,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// Held until `run_until_stopped` ends: no second process on the database.
+    serve_lock: Option<crate::store::ServeLock>,
 }
 
 pub struct BuildOptions {
@@ -50,6 +52,9 @@ impl Application {
     /// current thread.
     pub fn build(pipeline: Pipeline, options: BuildOptions) -> anyhow::Result<Self> {
         let settings = &pipeline.settings;
+        // Before the store opens: a second process must not even migrate.
+        let serve_lock = crate::store::lock_for_serving(&settings.storage.url)
+            .map_err(|e| anyhow::anyhow!("storage.url {:?}: {e}", settings.storage.url))?;
         let store = crate::store::open(&settings.storage.url)
             .map_err(|e| anyhow::anyhow!("storage.url {:?}: {e}", settings.storage.url))?;
         let listen = settings.server.listen.clone();
@@ -68,6 +73,7 @@ impl Application {
             let dir = settings.config_dir.clone();
             Arc::new(move || Settings::load(&dir).map_err(|e| vec![e.to_string()]))
         });
+        let started_with = settings.clone();
         let pipeline = Arc::new(ArcSwap::from_pointee(pipeline));
         let wake = Arc::new(Notify::new());
         let metrics = Arc::new(Metrics::new());
@@ -77,8 +83,9 @@ impl Application {
             clock: options.clock.clone(),
             wake: wake.clone(),
             metrics: metrics.clone(),
+            refusals: Default::default(),
             loader,
-            reload: ReloadState::default(),
+            reload: ReloadState::new(started_with),
         });
         let data = state.clone();
         let server = HttpServer::new(move || {
@@ -141,6 +148,7 @@ impl Application {
             dispatcher,
             handle_signals: options.handle_signals,
             _watcher: watcher,
+            serve_lock,
         })
     }
 
@@ -165,6 +173,7 @@ impl Application {
             handle,
             dispatcher,
             handle_signals,
+            serve_lock,
             ..
         } = self;
         let mut server = std::pin::pin!(server);
@@ -188,6 +197,8 @@ impl Application {
         };
         tracing::info!("HTTP server stopped; finishing in-flight sends");
         dispatcher.shutdown().await;
+        // Released only now, once this process no longer sends.
+        drop(serve_lock);
         served
     }
 }

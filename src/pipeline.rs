@@ -8,6 +8,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::clock::to_rfc3339;
+use crate::domain::{BusinessId, Target};
 use crate::render::{event_context, EventMeta, Rendered, Renderer};
 use crate::routes::RoutingTable;
 use crate::settings::Settings;
@@ -26,6 +27,10 @@ pub struct Planned {
     pub route: String,
     pub template: String,
     pub rendered: Result<Rendered, String>,
+    /// The ids that rendered, also when the rest did not.
+    pub business_id: Option<BusinessId>,
+    /// The chat, or the order or return whose chat it is.
+    pub target: Option<Target>,
 }
 
 impl Pipeline {
@@ -86,10 +91,19 @@ impl Pipeline {
         self.routes
             .route(&meta.source, &meta.event_type, payload)
             .into_iter()
-            .map(|route| Planned {
-                route: route.name.clone(),
-                template: route.template.clone(),
-                rendered: self.renderer.render(route, &context),
+            .map(|route| {
+                let rendered = self.renderer.render(route, &context);
+                let (business_id, target) = match &rendered {
+                    Ok(r) => (Some(r.business_id), Some(r.target)),
+                    Err(_) => self.renderer.render_ids(route, &context),
+                };
+                Planned {
+                    route: route.name.clone(),
+                    template: route.template.clone(),
+                    rendered,
+                    business_id,
+                    target,
+                }
             })
             .collect()
     }

@@ -55,7 +55,7 @@ pub async fn reload(state: &AppState, trigger: &str) -> Result<Applied, Vec<Stri
             for key in &applied.needs_restart {
                 tracing::warn!(
                     key,
-                    "this setting changed but takes effect only after a restart"
+                    "this setting differs from the value in effect and takes effect only after a restart"
                 );
             }
         }
@@ -115,7 +115,7 @@ async fn try_reload(state: &AppState) -> Result<Applied, Vec<String>> {
         regressions.truncate(20);
         return Err(regressions);
     }
-    let needs_restart = startup_only_changes(&old.settings, &new.settings);
+    let needs_restart = startup_only_changes(&state.reload.running_with, &new.settings);
     let version = new.version.clone();
     state.pipeline.store(Arc::new(new));
     // A new key may free a held business: let the dispatcher look now.
@@ -127,42 +127,48 @@ async fn try_reload(state: &AppState) -> Result<Applied, Vec<String>> {
     })
 }
 
-fn startup_only_changes(old: &Settings, new: &Settings) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    if old.server.listen != new.server.listen {
-        out.push("server.listen");
-    }
-    if old.server.workers != new.server.workers {
-        out.push("server.workers");
-    }
-    if old.storage.url != new.storage.url {
-        out.push("storage.url");
-    }
-    let (a, b) = (&old.server, &new.server);
-    if (
-        a.client_request_timeout_ms,
-        a.keep_alive_secs,
-        a.max_connections,
-        a.watch_config,
-        a.shutdown_timeout_secs,
-    ) != (
-        b.client_request_timeout_ms,
-        b.keep_alive_secs,
-        b.max_connections,
-        b.watch_config,
-        b.shutdown_timeout_secs,
-    ) {
-        out.push("server.client_request_timeout_ms / keep_alive_secs / max_connections / watch_config / shutdown_timeout_secs");
-    }
-    if old.log.format != new.log.format {
-        out.push("log.format");
-    }
-    if old.market.base_url != new.market.base_url
-        || old.market.request_timeout_secs != new.market.request_timeout_secs
-    {
-        out.push("market.base_url / market.request_timeout_secs");
-    }
-    out
+/// The settings read only at start whose new value differs from the one
+/// the process runs with: one key each. They are compared with the values
+/// in effect since start, not with the last reload's, so changing a key
+/// back says nothing, and a change still waiting is named again.
+fn startup_only_changes(running: &Settings, new: &Settings) -> Vec<&'static str> {
+    let (a, b) = (running, new);
+    let checks: [(&'static str, bool); 11] = [
+        ("server.listen", a.server.listen != b.server.listen),
+        ("server.workers", a.server.workers != b.server.workers),
+        ("storage.url", a.storage.url != b.storage.url),
+        (
+            "server.client_request_timeout_ms",
+            a.server.client_request_timeout_ms != b.server.client_request_timeout_ms,
+        ),
+        (
+            "server.keep_alive_secs",
+            a.server.keep_alive_secs != b.server.keep_alive_secs,
+        ),
+        (
+            "server.max_connections",
+            a.server.max_connections != b.server.max_connections,
+        ),
+        (
+            "server.watch_config",
+            a.server.watch_config != b.server.watch_config,
+        ),
+        (
+            "server.shutdown_timeout_secs",
+            a.server.shutdown_timeout_secs != b.server.shutdown_timeout_secs,
+        ),
+        ("log.format", a.log.format != b.log.format),
+        ("market.base_url", a.market.base_url != b.market.base_url),
+        (
+            "market.request_timeout_secs",
+            a.market.request_timeout_secs != b.market.request_timeout_secs,
+        ),
+    ];
+    checks
+        .into_iter()
+        .filter(|(_, differs)| *differs)
+        .map(|(key, _)| key)
+        .collect()
 }
 
 /// Watches the configuration folder and the templates folder; each burst

@@ -12,7 +12,7 @@ use crate::clock::SharedClock;
 use crate::pipeline::Pipeline;
 use crate::settings::Settings;
 use crate::store::Store;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, RefusalLog};
 
 /// What request handlers share.
 pub struct AppState {
@@ -23,6 +23,8 @@ pub struct AppState {
     /// Tells the dispatcher new work is queued.
     pub wake: Arc<Notify>,
     pub metrics: Arc<Metrics>,
+    /// Refused webhooks, logged without letting a flood flood the log.
+    pub refusals: RefusalLog,
     /// Reads the configuration again for a reload.
     pub loader: SettingsLoader,
     pub reload: ReloadState,
@@ -39,9 +41,20 @@ pub struct ReloadStatus {
     pub last_error: Option<Vec<String>>,
 }
 
-#[derive(Default)]
 pub struct ReloadState {
     pub status: Mutex<ReloadStatus>,
     /// One reload at a time.
     pub(crate) running: tokio::sync::Mutex<()>,
+    /// The settings the process started with: what a reload cannot change.
+    pub(crate) running_with: Settings,
+}
+
+impl ReloadState {
+    pub fn new(started_with: Settings) -> Self {
+        Self {
+            status: Mutex::default(),
+            running: tokio::sync::Mutex::default(),
+            running_with: started_with,
+        }
+    }
 }

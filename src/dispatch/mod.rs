@@ -41,14 +41,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::clock::{Millis, SharedClock};
+use crate::clock::{to_rfc3339, Millis, SharedClock};
 use crate::domain::{conversation_key, BusinessId, MarketMethod};
 use crate::market::client::{MarketAnswer, MarketClient, TransportError};
 use crate::pipeline::Pipeline;
 use crate::store::{Attempt, ClaimLimits, Claimed, Store, StoreError, Verdict};
 use crate::telemetry::Metrics;
 use quota::QuotaLog;
-use retry::{decide, next_attempt, Decision};
+use retry::{decide, next_attempt, throttled_until, window_surely_over, Decision};
 
 /// Real-time cap on any wait, so a stuck clock or a lost wake-up costs at most this.
 const MAX_IDLE: Duration = Duration::from_millis(500);
@@ -593,8 +593,10 @@ async fn send(
             },
             Decision::Retry(reason) => retry_or_dead(settings, &claimed, finished, about(reason)),
             Decision::Throttle { until } => Verdict::Throttled {
-                until: until.filter(|&u| u > finished).unwrap_or(
-                    finished + (settings.dispatch.throttle_backoff_secs * 1000) as Millis,
+                until: throttled_until(
+                    until,
+                    finished,
+                    (settings.dispatch.throttle_backoff_secs * 1000) as Millis,
                 ),
             },
             Decision::Refused(reason) => Verdict::Dead {
@@ -631,9 +633,10 @@ async fn send(
             }
             if let Some(a) = answer {
                 if a.remaining == Some(0) {
+                    let until = a.until.map(window_surely_over);
                     budget.blocked_until = budget
                         .blocked_until
-                        .max(a.until.unwrap_or(finished + window_ms));
+                        .max(until.unwrap_or(finished + window_ms));
                 }
             }
             if let Verdict::Throttled { until } = &verdict {
@@ -803,17 +806,18 @@ fn log_attempt(
     verdict: &Verdict,
     latency_ms: i64,
 ) {
+    // Empty fields are left out, not logged as `codes=` / `reason=`; ids
+    // are numbers in every line.
     let codes = match result {
-        Some(Ok(a)) => a
-            .errors
-            .iter()
-            .map(|e| e.code.as_str())
-            .collect::<Vec<_>>()
-            .join(","),
-        _ => String::new(),
+        Some(Ok(a)) if !a.errors.is_empty() => Some(
+            a.errors
+                .iter()
+                .map(|e| e.code.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        _ => None,
     };
-    // Absent fields are left out of the line rather than printed empty.
-    let codes = (!codes.is_empty()).then_some(codes.as_str());
     let order = claimed
         .context
         .filter(|c| c.kind == crate::domain::ContextKind::Order)
@@ -822,6 +826,12 @@ fn log_attempt(
         .context
         .filter(|c| c.kind == crate::domain::ContextKind::Return)
         .map(|c| c.id);
+    let status = status.map(|s| s as i64).unwrap_or(-1);
+    let next_attempt_at = match verdict {
+        Verdict::Retry { at, .. } => Some(to_rfc3339(*at)),
+        Verdict::Throttled { until } => Some(to_rfc3339(*until)),
+        _ => None,
+    };
     macro_rules! log {
         ($level:ident, $msg:expr, $reason:expr) => {
             tracing::$level!(
@@ -833,9 +843,10 @@ fn log_attempt(
                 method = method.as_str(),
                 route = %claimed.route,
                 status,
-                codes,
+                codes = codes.as_deref(),
                 latency_ms,
                 reason = $reason,
+                next_attempt_at = next_attempt_at.as_deref(),
                 $msg
             )
         };

@@ -59,6 +59,27 @@ pub fn describe(status: u16, errors: &[ApiErrorEntry]) -> String {
     format!("Market answered {status} {}", parts.join("; "))
 }
 
+/// Whole seconds are all `X-RateLimit-Resource-Until` says, so the window
+/// named `until` ends somewhere in that second: it is surely over one
+/// second later. Sending at the named second itself can be up to a
+/// second early, and the Market answers that with another 420.
+pub fn window_surely_over(until: Millis) -> Millis {
+    until + 1000
+}
+
+/// How long a 420 (or 429) makes the delivery wait: until the window the
+/// Market named is surely over; when that is already behind us (clocks
+/// disagree), a short wait, never the long `backoff_ms`, which is only for
+/// a 420 that names no time at all.
+pub fn throttled_until(until: Option<Millis>, now: Millis, backoff_ms: Millis) -> Millis {
+    const SHORT_WAIT_MS: Millis = 1000;
+    match until {
+        Some(until) if window_surely_over(until) > now => window_surely_over(until),
+        Some(_) => now + SHORT_WAIT_MS,
+        None => now + backoff_ms,
+    }
+}
+
 /// When to try again after `attempts` failed attempts, or `None` when the
 /// delivery has outlived its maximum age and is dead.
 pub fn next_attempt(
@@ -100,6 +121,18 @@ mod tests {
             assert!((low..=high).contains(&at), "attempt {attempts}: {at}");
         }
         assert_eq!(next_attempt(&policy, 0, 0, 3_600_000), None);
+    }
+
+    #[test]
+    fn a_420_waits_past_the_named_second_and_never_the_long_backoff_when_it_named_a_time() {
+        let backoff = 60_000;
+        // The window ends somewhere in the named second: wait past it.
+        assert_eq!(throttled_until(Some(10_000), 9_000, backoff), 11_000);
+        assert_eq!(throttled_until(Some(10_000), 10_500, backoff), 11_000);
+        // A named time already behind us: a short wait, not the backoff.
+        assert_eq!(throttled_until(Some(10_000), 25_000, backoff), 26_000);
+        // No time named: the configured backoff.
+        assert_eq!(throttled_until(None, 25_000, backoff), 85_000);
     }
 
     #[test]

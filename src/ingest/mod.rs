@@ -3,7 +3,12 @@
 //! signature or token 401, invalid JSON or no event type 400), then routes
 //! and renders the event and stores it with its deliveries. It answers 202
 //! only after the store's commit is durable; a repeated event id answers
-//! 200 with the stored result and `"duplicate": true`.
+//! 200 with the stored result and `"duplicate": true`, unless its body
+//! differs from the stored one (compared as parsed JSON): that is a
+//! sender's mistake that would drop an event, so it answers 409
+//! `event_id_conflict`. Every refused webhook is logged at WARN (at most
+//! one line per source and code per `telemetry::REFUSAL_LOG_INTERVAL_MS`, with a count
+//! of the lines left out); accepted ones at DEBUG.
 
 pub mod signature;
 
@@ -18,7 +23,7 @@ use crate::pipeline::{hex, Pipeline};
 use crate::render::EventMeta;
 use crate::settings::SourceSettings;
 use crate::state::AppState;
-use crate::store::{Inserted, NewDelivery, NewEvent, RenderedMessage, StoredEvent};
+use crate::store::{Inserted, NewDelivery, NewEvent, RenderFailure, RenderedMessage, StoredEvent};
 use signature::AuthHeaders;
 
 pub async fn receive(
@@ -36,12 +41,26 @@ pub async fn receive(
         Ok(_) => "accepted",
         Err(e) => e.code,
     };
-    // Label only configured sources, so strangers cannot grow the metric.
+    // Label only configured sources, so strangers cannot grow the metric
+    // (or the refusal log's table).
     let label = if pipeline.settings.sources.contains_key(&source) {
         source.as_str()
     } else {
         "unknown"
     };
+    if let Err(e) = &result {
+        state.refusals.refused(
+            state.clock.now_ms(),
+            crate::telemetry::Refusal {
+                source: label,
+                requested_source: &source,
+                status: e.status.as_u16(),
+                code: e.code,
+                reason: &e.message,
+                peer: req.peer_addr(),
+            },
+        );
+    }
     state
         .metrics
         .webhooks
@@ -152,12 +171,25 @@ async fn accept(
         .map(|planned| NewDelivery {
             route: planned.route,
             template: planned.template,
-            rendered: planned.rendered.map(|r| RenderedMessage {
-                business_id: r.business_id,
-                target: r.target,
-                text: r.text.into_string(),
-            }),
+            rendered: planned
+                .rendered
+                .map(|r| RenderedMessage {
+                    business_id: r.business_id,
+                    target: r.target,
+                    text: r.text.into_string(),
+                })
+                // Keep the ids that did render, so the failed delivery
+                // shows up when filtering by its business or chat.
+                .map_err(|reason| RenderFailure {
+                    reason,
+                    business_id: planned.business_id,
+                    target: planned.target,
+                }),
         })
+        .collect::<Vec<_>>();
+    let reasons: Vec<Option<String>> = deliveries
+        .iter()
+        .map(|d| d.rendered.as_ref().err().map(|f| f.reason.clone()))
         .collect();
     let inserted = state
         .store
@@ -179,12 +211,47 @@ async fn accept(
                     .with_label_values(&[d.state.as_str()])
                     .inc();
             }
-            log_failures(&stored);
+            log_failures(&stored, &reasons);
+            tracing::debug!(
+                source = %stored.source,
+                event_id = %stored.external_id,
+                event_type = %stored.event_type,
+                deliveries = stored.deliveries.len(),
+                peer = req.peer_addr().map(|p| p.to_string()),
+                "webhook accepted"
+            );
             state.wake.notify_one();
             HttpResponse::Accepted().json(answer(&stored, false))
         }
-        Inserted::Duplicate(stored) => HttpResponse::Ok().json(answer(&stored, true)),
+        Inserted::Duplicate(stored) => {
+            if !same_event(&stored.payload, &event) {
+                return Err(ApiError::new(
+                    409,
+                    "event_id_conflict",
+                    format!(
+                        "event id {:?} of source {source:?} was already used by another event, received at {}; \
+                         this body differs from the stored one, so it was not stored. \
+                         Give each event its own id (sources.{source}.event_id points at the id field)",
+                        stored.external_id,
+                        to_rfc3339(stored.received_at)
+                    ),
+                ));
+            }
+            tracing::debug!(
+                source = %stored.source,
+                event_id = %stored.external_id,
+                peer = req.peer_addr().map(|p| p.to_string()),
+                "webhook is a repeat of a stored event; nothing new stored"
+            );
+            HttpResponse::Ok().json(answer(&stored, true))
+        }
     })
+}
+
+/// Whether a repeat carries the stored event: equal as parsed JSON, so key
+/// order and spacing do not matter (serde_json compares objects as maps).
+fn same_event(stored: &str, received: &Value) -> bool {
+    serde_json::from_str::<Value>(stored).is_ok_and(|s| &s == received)
 }
 
 /// An event as the core sees it: its JSON, type and id.
@@ -290,17 +357,19 @@ fn answer(stored: &StoredEvent, duplicate: bool) -> Value {
     body
 }
 
-fn log_failures(stored: &StoredEvent) {
-    for d in stored
-        .deliveries
-        .iter()
-        .filter(|d| d.state == crate::domain::DeliveryState::Failed)
-    {
+/// `reasons` holds, in the order of the stored deliveries, why each one
+/// failed to render (`None`: it rendered).
+fn log_failures(stored: &StoredEvent, reasons: &[Option<String>]) {
+    for (d, reason) in stored.deliveries.iter().zip(reasons) {
+        if d.state != crate::domain::DeliveryState::Failed {
+            continue;
+        }
         tracing::warn!(
             delivery = d.id,
             route = %d.route,
             source = %stored.source,
             event_id = %stored.external_id,
+            reason = reason.as_deref(),
             "delivery failed to render; fix the template and retry it"
         );
     }

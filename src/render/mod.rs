@@ -199,6 +199,20 @@ impl Renderer {
             .map(Target::Chat)
     }
 
+    /// The business id and the target alone, each `None` when it does not
+    /// render: what a delivery that failed to render still records.
+    pub fn render_ids(
+        &self,
+        route: &Route,
+        context: &Value,
+    ) -> (Option<BusinessId>, Option<Target>) {
+        let business_id = self
+            .render_id(route, "business_id", &route.business_id, context)
+            .and_then(|raw| BusinessId::parse(&raw))
+            .ok();
+        (business_id, self.render_target(route, context).ok())
+    }
+
     /// The message text alone, unchecked for length.
     pub fn render_text(&self, template: &str, context: &Value) -> Result<String, String> {
         self.hb

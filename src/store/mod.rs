@@ -16,6 +16,7 @@
 //!   good, and every later delivery of that context takes it at once;
 //! - stored times come from the caller (the injected clock).
 
+mod lock;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -24,6 +25,7 @@ use serde::Serialize;
 use crate::clock::Millis;
 use crate::domain::{BusinessId, ChatContext, ChatId, DeliveryState, MarketMethod, Target};
 
+pub use lock::ServeLock;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +55,18 @@ pub struct NewEvent {
 pub struct NewDelivery {
     pub route: String,
     pub template: String,
-    /// `Ok` when rendered: the delivery is queued; `Err(reason)`: it is `failed`.
-    pub rendered: Result<RenderedMessage, String>,
+    /// `Ok` when rendered: the delivery is queued; `Err`: it is `failed`.
+    pub rendered: Result<RenderedMessage, RenderFailure>,
+}
+
+/// Why a delivery could not be rendered, with the ids that did render, so
+/// the failed delivery is found by its business and chat.
+#[derive(Debug, Clone)]
+pub struct RenderFailure {
+    pub reason: String,
+    pub business_id: Option<BusinessId>,
+    /// The chat, or the order or return, when those rendered.
+    pub target: Option<Target>,
 }
 
 #[derive(Debug, Clone)]
@@ -321,17 +333,25 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
 }
 
+/// The file of a `sqlite://` (or `sqlite:`) `storage.url`.
+pub fn sqlite_path(url: &str) -> Option<&std::path::Path> {
+    url.strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .map(std::path::Path::new)
+}
+
 /// Opens the backend `storage.url` names.
 pub fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
-    match url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-    {
-        Some(path) => Ok(std::sync::Arc::new(SqliteStore::open(
-            std::path::Path::new(path),
-        )?)),
+    match sqlite_path(url) {
+        Some(path) => Ok(std::sync::Arc::new(SqliteStore::open(path)?)),
         None => Err(StoreError::Database(format!(
             "storage.url {url:?}: only sqlite:// is supported by this build"
         ))),
     }
+}
+
+/// Takes the one-serving-process lock of the database `storage.url` names
+/// (see [`ServeLock`]); `None` for a backend made for several processes.
+pub fn lock_for_serving(url: &str) -> StoreResult<Option<ServeLock>> {
+    sqlite_path(url).map(ServeLock::acquire).transpose()
 }

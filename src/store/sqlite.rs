@@ -566,11 +566,15 @@ impl Store for SqliteStore {
             for d in &event.deliveries {
                 let (business, text, state, reason) = match &d.rendered {
                     Ok(m) => (Some(m.business_id.0), Some(m.text.as_str()), DeliveryState::Queued, None),
-                    Err(why) => (None, None, DeliveryState::Failed, Some(why.as_str())),
+                    Err(f) => (f.business_id.map(|b| b.0), None, DeliveryState::Failed, Some(f.reason.as_str())),
                 };
                 let at = match &d.rendered {
                     Ok(m) => Addressed::find(conn, m.business_id, m.target)?,
-                    Err(_) => Addressed::default(),
+                    // What did render is kept, so filters find the failed delivery.
+                    Err(f) => match (f.business_id, f.target) {
+                        (Some(business), Some(target)) => Addressed::find(conn, business, target)?,
+                        _ => Addressed::default(),
+                    },
                 };
                 stmt.execute(params![
                     event_id,

@@ -243,9 +243,10 @@ async fn a_420_is_not_an_attempt_and_the_message_goes_when_the_window_passes() {
     assert_eq!(attempts(&throttled)[0]["http_status"], 420);
     assert_eq!(attempts(&throttled)[0]["outcome"], "throttled");
     // The fake's window ends an hour from now (X-RateLimit-Resource-Until,
-    // whole seconds); the delivery waits for it, not for a retry backoff.
+    // whole seconds, so surely over a second after the named one); the
+    // delivery waits for it, not for a retry backoff.
     let wait = ms(&throttled["delivery"]["next_attempt_at"]) - clock.now_ms();
-    assert!((3_599_000..=3_600_000).contains(&wait), "waits {wait} ms");
+    assert!((3_600_001..=3_601_000).contains(&wait), "waits {wait} ms");
     app.advance(Duration::from_secs(60));
     settle(&app).await;
     assert_eq!(
@@ -425,5 +426,83 @@ async fn a_cancelled_delivery_is_never_sent() {
     assert_eq!(view["delivery"]["state"], "cancelled", "{view:#}");
     assert_eq!(attempts(&view).len(), 1);
     assert!(app.buyer_messages().is_empty());
+    app.stop().await;
+}
+
+/// A fake Market allowing one send per 10 s window, on a clock 300 ms past
+/// a whole second, so its windows end mid-second while its
+/// `X-RateLimit-Resource-Until` names the whole second before.
+fn one_send_per_ten_seconds() -> (TestOptions, Arc<ManualClock>) {
+    let (mut options, _) = manual_clock();
+    let clock = ManualClock::new(START + 300);
+    options.clock = Some(clock.clone());
+    options.fake.hourly_limit = 1;
+    options.fake.window_secs = 10;
+    (options, clock)
+}
+
+/// Waits (real time, bounded) until the dispatcher sleeps on the clock
+/// until some time at or after `from`, and returns that time.
+async fn dispatcher_sleeps_until(clock: &ManualClock, from: i64) -> i64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(at) = clock.next_deadline().filter(|&at| at >= from) {
+            return at;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dispatcher never waited for the window"
+        );
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_used_up_window_is_waited_out_past_its_named_second_and_never_sent_into_early() {
+    let (options, clock) = one_send_per_ten_seconds();
+    let app = spawn_app_with(options).await;
+    let first = post(&app, &sample_as("order_shipped", "w-1", None)).await;
+    app.wait_for_state(first, "delivered").await;
+    // The window opened at +0.3 s and ends at +10.3 s; the header says +10 s.
+
+    let second = post(&app, &sample_as("order_shipped", "w-2", Some(5002))).await;
+    let wakes_at = dispatcher_sleeps_until(&clock, START + 10_000).await;
+
+    assert_eq!(
+        wakes_at,
+        START + 11_000,
+        "waits until the named second is over, not until it starts"
+    );
+    clock.set(START + 11_000);
+    app.wait_for_state(second, "delivered").await;
+    let statuses: Vec<u16> = app.market.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 200], "no send into the old window");
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_420_naming_a_second_already_behind_us_waits_a_second_not_the_long_backoff() {
+    let (options, clock) = one_send_per_ten_seconds();
+    let app = spawn_app_with(options).await;
+    let first = post(&app, &sample_as("order_shipped", "p-1", None)).await;
+    app.wait_for_state(first, "delivered").await;
+    // A restart forgets the Market's pause; at +10.1 s the window (until
+    // +10.3 s) is still full, and the 420 names +10 s: already behind us.
+    let app = app.restart().await;
+    clock.set(START + 10_100);
+
+    let second = post(&app, &sample_as("order_shipped", "p-2", Some(5002))).await;
+    let throttled = app
+        .wait_for_delivery(second, "the 420 recorded", has_attempts(1))
+        .await;
+
+    assert_eq!(attempts(&throttled)[0]["http_status"], 420, "{throttled:#}");
+    assert_eq!(
+        ms(&throttled["delivery"]["next_attempt_at"]),
+        START + 11_000,
+        "a short wait past the named second, not throttle_backoff_secs: {throttled:#}"
+    );
+    clock.set(START + 11_000);
+    app.wait_for_state(second, "delivered").await;
     app.stop().await;
 }

@@ -567,3 +567,154 @@ async fn a_hook_called_with_the_wrong_method_answers_a_json_error() {
     assert_error(status, &body, status, None);
     app.stop().await;
 }
+
+/// The value of a counter sample in `/metrics`, 0 when absent.
+async fn metric(app: &TestApp, sample: &str) -> i64 {
+    let mut resp = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .expect("request failed");
+    let text = String::from_utf8(resp.body().await.unwrap().to_vec()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[actix_rt::test]
+async fn a_reused_event_id_with_another_body_is_409_event_id_conflict_and_counted() {
+    let app = spawn_app().await;
+    let shipped = sample("order_shipped");
+    let mut delivered = sample("order_delivered");
+    delivered["id"] = shipped["id"].clone();
+
+    let (first_status, first) = app.post_event("oms", &shipped).await;
+    let (status, body) = app.post_event("oms", &delivered).await;
+
+    assert_eq!(first_status, 202, "{first}");
+    assert_error(status, &body, 409, Some("event_id_conflict"));
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("evt-1001")
+            && message.contains("differs")
+            && message.contains("received at"),
+        "the message names the id, the difference and when the first came: {message}"
+    );
+    assert_eq!(
+        delivery_ids(&first).len(),
+        app.all_deliveries().await.len(),
+        "nothing stored for the conflicting event"
+    );
+    assert_eq!(
+        metric(
+            &app,
+            r#"chatbridge_webhooks_total{outcome="event_id_conflict",source="oms"}"#
+        )
+        .await,
+        1
+    );
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_repeat_with_other_key_order_and_spacing_is_still_a_duplicate() {
+    let app = spawn_app().await;
+    let first = r#"{"id":"evt-77","type":"order.shipped","businessId":111,"chatId":5001,"orderId":1,"shop":{"name":"A"},"items":{"count":1},"tracking":{"number":"X","carrier":"C"}}"#;
+    let again = r#"{ "tracking": {"carrier": "C", "number": "X"}, "items": {"count": 1},
+        "shop": {"name": "A"}, "orderId": 1, "chatId": 5001, "businessId": 111,
+        "type": "order.shipped", "id": "evt-77" }"#;
+    let ts = now_secs(&app);
+
+    let (s1, b1) = app
+        .post_raw(
+            "/hooks/oms",
+            &signed_headers(first.as_bytes(), ts),
+            first.into(),
+        )
+        .await;
+    let (s2, b2) = app
+        .post_raw(
+            "/hooks/oms",
+            &signed_headers(again.as_bytes(), ts),
+            again.into(),
+        )
+        .await;
+
+    assert_eq!(s1, 202, "{b1}");
+    assert_eq!(s2, 200, "{b2}");
+    assert_eq!(b2["duplicate"], true, "{b2}");
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn two_different_events_racing_with_one_id_store_one_and_refuse_the_other() {
+    let app = spawn_app().await;
+    for round in 0..8 {
+        let id = format!("race-{round}");
+        let shipped = sample_as("order_shipped", &id, None);
+        let delivered = sample_as("order_delivered", &id, None);
+
+        let ((s1, b1), (s2, b2)) = tokio::join!(
+            app.post_event("oms", &shipped),
+            app.post_event("oms", &delivered)
+        );
+
+        let mut statuses = [s1, s2];
+        statuses.sort();
+        assert_eq!(statuses, [202, 409], "round {round}: {b1} / {b2}");
+    }
+    assert_eq!(app.all_deliveries().await.len(), 8);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_failed_render_keeps_the_business_and_chat_it_rendered() {
+    let files = vec![
+        shipped_routes_plus(
+            r#"
+[[routes]]
+name = "broken-text"
+source = "oms"
+event = "custom.broken"
+template = "broken"
+business_id = "{{businessId}}"
+chat_id = "{{chatId}}"
+"#,
+        ),
+        ("templates/broken.hbs".into(), "{{no.such.field}}".into()),
+    ];
+    let app = spawn_app_with(TestOptions {
+        files,
+        ..TestOptions::default()
+    })
+    .await;
+    let event =
+        json!({"id": "evt-broken", "type": "custom.broken", "businessId": 111, "chatId": 6061});
+
+    let (status, body) = app.post_event("oms", &event).await;
+    let (list_status, list) = app
+        .admin_get("/admin/deliveries?chat_id=6061&state=failed")
+        .await;
+
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["deliveries"][0]["state"], "failed", "{body}");
+    assert_eq!(list_status, 200, "{list}");
+    let found = list["deliveries"].as_array().unwrap();
+    assert_eq!(
+        found.len(),
+        1,
+        "filtering by chat finds the failed message: {list}"
+    );
+    assert_eq!(found[0]["business_id"], 111, "{list}");
+    assert_eq!(found[0]["chat_id"], 6061, "{list}");
+    assert!(
+        found[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no.such.field")
+            || found[0]["reason"].as_str().unwrap().contains("broken"),
+        "{list}"
+    );
+    app.stop().await;
+}
