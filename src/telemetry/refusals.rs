@@ -40,7 +40,9 @@ struct Entry {
 }
 
 impl RefusalLog {
-    pub fn refused(&self, now: Millis, r: Refusal<'_>) {
+    /// Logs the refusal; returns how many of its kind the WARN line says
+    /// were left out since the last one, or `None` when it made no WARN line.
+    pub fn refused(&self, now: Millis, r: Refusal<'_>) -> Option<u64> {
         let requested: String = r.requested_source.chars().take(MAX_SOURCE_CHARS).collect();
         let peer = r.peer.map(|p| p.to_string());
         let suppressed = {
@@ -71,7 +73,9 @@ impl RefusalLog {
             }
         };
         match suppressed {
+            // Under the ingest target, where a reader filters for webhooks.
             Some(left_out) => tracing::warn!(
+                target: "chatbridge::ingest",
                 source = ?requested,
                 status = r.status,
                 code = r.code,
@@ -81,6 +85,7 @@ impl RefusalLog {
                 "webhook refused"
             ),
             None => tracing::debug!(
+                target: "chatbridge::ingest",
                 source = ?requested,
                 status = r.status,
                 code = r.code,
@@ -89,5 +94,36 @@ impl RefusalLog {
                 "webhook refused (WARN lines for this source and code are rate-limited)"
             ),
         }
+        suppressed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(source: &'static str, code: &'static str) -> Refusal<'static> {
+        Refusal {
+            source,
+            requested_source: source,
+            status: 401,
+            code,
+            reason: "bad signature",
+            peer: None,
+        }
+    }
+
+    #[test]
+    fn one_warn_line_per_source_and_code_per_interval_then_the_count_left_out() {
+        let log = RefusalLog::default();
+        let at = |t| log.refused(t, refusal("oms", "unauthorized"));
+        assert_eq!(at(0), Some(0));
+        assert_eq!(at(1), None);
+        assert_eq!(at(9_999), None);
+        // Another code or source has its own line.
+        assert_eq!(log.refused(5, refusal("oms", "invalid_json")), Some(0));
+        assert_eq!(log.refused(5, refusal("crm", "unauthorized")), Some(0));
+        assert_eq!(at(INTERVAL_MS), Some(2));
+        assert_eq!(at(INTERVAL_MS + 1), None);
     }
 }

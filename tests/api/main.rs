@@ -13,4 +13,5 @@ mod openapi;
 mod operations;
 mod orders;
 mod pipeline;
+mod serve_binary;
 mod templates;
