@@ -455,6 +455,8 @@ async fn serve(
         response
             .insert_header((HEADER_LIMIT, limit.to_string()))
             .insert_header((HEADER_REMAINING, limit.saturating_sub(used).to_string()))
+            // Whole seconds, fraction dropped, as the Market sends it: a
+            // window opened mid-second ends up to 1 s after the named second.
             .insert_header((HEADER_UNTIL, format_until(until)));
     }
     response.json(body_out)
