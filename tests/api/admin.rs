@@ -267,9 +267,10 @@ async fn deliveries_are_listed_by_state_business_chat_route_source_and_time() {
     );
     assert_eq!(list_ids(&app, "state=failed").await, [failed]);
     assert_eq!(list_ids(&app, "state=queued").await, Vec::<i64>::new());
+    // The failed note keeps the business and chat that rendered.
     assert_eq!(
         list_ids(&app, "business_id=111").await,
-        [shipped, delivered]
+        [shipped, delivered, failed]
     );
     assert_eq!(list_ids(&app, "business_id=222").await, [refund]);
     assert_eq!(list_ids(&app, "business_id=333").await, [crm]);
