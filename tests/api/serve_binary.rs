@@ -315,6 +315,7 @@ async fn json_logs_carry_numeric_ids_the_next_attempt_and_no_empty_fields() {
         business_id: None,
         chat_id: Some(5001),
         times: 1,
+        ..Default::default()
     });
     let root = Root::new(&market);
     std::fs::write(
@@ -340,12 +341,12 @@ async fn json_logs_carry_numeric_ids_the_next_attempt_and_no_empty_fields() {
         202
     );
     assert_eq!(post(&serve, sample("order_delivered")).await, 202);
-    serve.wait_for_line(&["send failed; will retry"]).await;
+    serve.wait_for_line(&["Market call failed; will retry"]).await;
     serve.wait_for_line(&["\"delivered\""]).await;
     serve.wait_for_line(&["webhook accepted"]).await;
     let log = serve.log_text();
 
-    let retry = &json_lines(&log, "send failed; will retry")[0]["fields"];
+    let retry = &json_lines(&log, "Market call failed; will retry")[0]["fields"];
     assert!(
         retry["business"].is_i64() && retry["chat"].is_i64(),
         "{retry}"
