@@ -23,7 +23,7 @@ use crate::settings::Settings;
 pub use crate::state::AppState;
 use crate::state::{ReloadState, SettingsLoader};
 use crate::telemetry::Metrics;
-use crate::{admin, dispatch, ingest};
+use crate::{admin, dispatch, ingest, ui};
 
 pub struct Application {
     addr: SocketAddr,
@@ -116,6 +116,7 @@ impl Application {
                 .route("/readyz", web::get().to(readyz))
                 .route("/metrics", web::get().to(metrics_text))
                 .service(admin::scope())
+                .service(ui::scope())
                 .default_service(web::to(not_found))
         })
         .workers(workers)

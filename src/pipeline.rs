@@ -87,15 +87,33 @@ impl Pipeline {
 
     /// Routes the event and renders every matching route.
     pub fn plan(&self, payload: &Value, meta: &EventMeta) -> Vec<Planned> {
+        self.plan_with(&self.renderer, payload, meta)
+    }
+
+    /// Like [`Pipeline::plan`], with one template's text replaced in a
+    /// scratch copy of the templates (the console's playground): nothing in
+    /// force changes. `Err`: the edited text does not compile.
+    pub fn plan_edited(
+        &self,
+        payload: &Value,
+        meta: &EventMeta,
+        template: &str,
+        text: &str,
+    ) -> Result<Vec<Planned>, String> {
+        let renderer = self.renderer.with_template(template, text)?;
+        Ok(self.plan_with(&renderer, payload, meta))
+    }
+
+    fn plan_with(&self, renderer: &Renderer, payload: &Value, meta: &EventMeta) -> Vec<Planned> {
         let context = event_context(payload, meta);
         self.routes
             .route(&meta.source, &meta.event_type, payload)
             .into_iter()
             .map(|route| {
-                let rendered = self.renderer.render(route, &context);
+                let rendered = renderer.render(route, &context);
                 let (business_id, target) = match &rendered {
                     Ok(r) => (Some(r.business_id), Some(r.target)),
-                    Err(_) => self.renderer.render_ids(route, &context),
+                    Err(_) => renderer.render_ids(route, &context),
                 };
                 Planned {
                     route: route.name.clone(),

@@ -150,6 +150,11 @@ pub struct ServerSettings {
     pub keep_alive_secs: u64,
     /// Open connections per worker; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Reverse proxies (IPs or CIDRs, e.g. "10.0.0.0/8") whose
+    /// `X-Forwarded-Proto` is believed: the console marks its cookie
+    /// `Secure` when such a proxy says the request came over HTTPS. Empty:
+    /// no one's header is believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerSettings {
@@ -165,6 +170,7 @@ impl Default for ServerSettings {
             body_timeout_ms: 10_000,
             keep_alive_secs: 5,
             max_connections: 10_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -415,6 +421,26 @@ impl<'de> Deserialize<'de> for SecretList {
     }
 }
 
+impl ServerSettings {
+    /// Whether `peer` is one of `trusted_proxies`.
+    pub fn is_trusted_proxy(&self, peer: std::net::IpAddr) -> bool {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|p| parse_net(p))
+            .any(|net| net.contains(&peer))
+    }
+}
+
+/// "10.0.0.1" or "10.0.0.0/8" (IPv4 or IPv6).
+fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>().ok().or_else(|| {
+        text.parse::<std::net::IpAddr>()
+            .ok()
+            .map(ipnet::IpNet::from)
+    })
+}
+
 impl Settings {
     /// Reads `<dir>/chatbridge.toml` and the `CHATBRIDGE__*` environment, then validates.
     pub fn load(dir: &Path) -> Result<Self, SettingsError> {
@@ -484,6 +510,13 @@ impl Settings {
         }
         if self.server.max_body_bytes == 0 {
             out.push("server.max_body_bytes must be at least 1".into());
+        }
+        for proxy in &self.server.trusted_proxies {
+            if parse_net(proxy).is_none() {
+                out.push(format!(
+                    "server.trusted_proxies: {proxy:?} is not an IP address or a CIDR like \"10.0.0.0/8\""
+                ));
+            }
         }
         if self.storage.retention_days == 0 {
             out.push("storage.retention_days must be at least 1 (it is also how long duplicates are recognised)".into());

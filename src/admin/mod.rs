@@ -60,9 +60,12 @@ fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
     }
 }
 
+/// The delivery filter as the API takes it (query string or JSON body);
+/// the console parses its form through this too, so both read a filter
+/// the same way.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     state: Option<String>,
     business_id: Option<i64>,
     chat_id: Option<i64>,
@@ -77,7 +80,7 @@ struct ListQuery {
 }
 
 impl ListQuery {
-    fn to_filter(&self) -> Result<DeliveryFilter, ApiError> {
+    pub(crate) fn to_filter(&self) -> Result<DeliveryFilter, ApiError> {
         let state = self
             .state
             .as_deref()
@@ -155,7 +158,7 @@ async fn show_delivery(
     })))
 }
 
-fn event_json(e: &crate::store::StoredEvent) -> Value {
+pub(crate) fn event_json(e: &crate::store::StoredEvent) -> Value {
     json!({
         "id": e.id,
         "source": e.source,
@@ -191,21 +194,21 @@ async fn openapi() -> HttpResponse {
 
 /// What an operator's retry did to one delivery.
 #[derive(Debug, serde::Serialize)]
-struct Retried {
-    id: i64,
-    state: DeliveryState,
+pub(crate) struct Retried {
+    pub id: i64,
+    pub state: DeliveryState,
     #[serde(skip_serializing_if = "Option::is_none")]
-    text: Option<String>,
+    pub text: Option<String>,
     /// The current templates render a different text than was stored.
     #[serde(skip_serializing_if = "Option::is_none")]
-    text_changed: Option<bool>,
+    pub text_changed: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub error: Option<String>,
 }
 
 /// Re-renders one delivery with the configuration in force now and queues
 /// it again; a delivery that still does not render stays `failed`.
-async fn retry_one(state: &AppState, id: i64) -> Result<Retried, ApiError> {
+pub(crate) async fn retry_one(state: &AppState, id: i64) -> Result<Retried, ApiError> {
     let (delivery, _) = state
         .store
         .delivery(id)
@@ -296,7 +299,29 @@ async fn retry_matching(
     body: web::Json<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     authorize(&state, &req)?;
-    let query = body.into_inner();
+    let outcome = retry_by_filter(&state, body.into_inner(), false).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "queued": outcome.queued,
+        "still_failing": outcome.deliveries.len() - outcome.queued,
+        "deliveries": outcome.deliveries,
+    })))
+}
+
+/// What a retry by filter did, or with `dry_run` would do.
+pub(crate) struct RetryByFilter {
+    /// Queued again (with `dry_run`: the deliveries that would be tried).
+    pub queued: usize,
+    pub deliveries: Vec<Retried>,
+}
+
+/// Retries every failed, dead or cancelled delivery the filter selects (at
+/// most its `limit`). With `dry_run`, changes nothing and lists what would
+/// be tried, each in its current state: the count an operator confirms.
+pub(crate) async fn retry_by_filter(
+    state: &AppState,
+    query: ListQuery,
+    dry_run: bool,
+) -> Result<RetryByFilter, ApiError> {
     let mut filter = query.to_filter()?;
     let states = match filter.state {
         Some(s) if s.is_retryable_by_operator() => vec![s],
@@ -320,8 +345,18 @@ async fn retry_matching(
             break;
         }
         for row in state.store.list_deliveries(filter.clone()).await? {
+            if dry_run {
+                results.push(Retried {
+                    id: row.id,
+                    state: row.state,
+                    text: row.text,
+                    text_changed: None,
+                    error: None,
+                });
+                continue;
+            }
             // One delivery that cannot be retried must not hide the others.
-            results.push(retry_one(&state, row.id).await.unwrap_or_else(|e| Retried {
+            results.push(retry_one(state, row.id).await.unwrap_or_else(|e| Retried {
                 id: row.id,
                 state: row.state,
                 text: None,
@@ -330,12 +365,10 @@ async fn retry_matching(
             }));
         }
     }
-    let queued = results.iter().filter(|r| r.error.is_none()).count();
-    Ok(HttpResponse::Ok().json(json!({
-        "queued": queued,
-        "still_failing": results.len() - queued,
-        "deliveries": results,
-    })))
+    Ok(RetryByFilter {
+        queued: results.iter().filter(|r| r.error.is_none()).count(),
+        deliveries: results,
+    })
 }
 
 async fn reload_config(
@@ -393,6 +426,31 @@ async fn find_event(
 /// backlog takes to drain at that quota.
 async fn queue(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     authorize(&state, &req)?;
+    let businesses = queue_overview(&state).await?;
+    Ok(HttpResponse::Ok().json(json!({ "businesses": businesses })))
+}
+
+/// One business's line in `GET /admin/queue` and the console's overview.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct BusinessOverview {
+    pub business_id: i64,
+    pub queued: i64,
+    pub sending: i64,
+    pub held: i64,
+    pub dead: i64,
+    pub failed: i64,
+    pub oldest_queued_at: Option<String>,
+    pub sent_in_window: usize,
+    pub quota_limit: i64,
+    pub quota_window_secs: i64,
+    pub quota_left: i64,
+    pub drain_estimate_secs: i64,
+    /// When the oldest send in the window leaves it (the quota grows by one).
+    #[serde(skip)]
+    pub quota_frees_at: Option<crate::clock::Millis>,
+}
+
+pub(crate) async fn queue_overview(state: &AppState) -> Result<Vec<BusinessOverview>, ApiError> {
     let now = state.clock.now_ms();
     let pipeline = state.pipeline.load_full();
     let mut businesses = Vec::new();
@@ -425,20 +483,21 @@ async fn queue(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRespo
                 .max(0);
             (first_free + (windows - 1) * window_ms) / 1000
         };
-        businesses.push(json!({
-            "business_id": b.business_id,
-            "queued": b.queued,
-            "sending": b.sending,
-            "held": b.held,
-            "dead": b.dead,
-            "failed": b.failed,
-            "oldest_queued_at": b.oldest_queued_at.map(to_rfc3339),
-            "sent_in_window": sent.len(),
-            "quota_limit": limit,
-            "quota_window_secs": window_ms / 1000,
-            "quota_left": quota_left,
-            "drain_estimate_secs": drain_secs,
-        }));
+        businesses.push(BusinessOverview {
+            business_id: b.business_id,
+            queued: b.queued,
+            sending: b.sending,
+            held: b.held,
+            dead: b.dead,
+            failed: b.failed,
+            oldest_queued_at: b.oldest_queued_at.map(to_rfc3339),
+            sent_in_window: sent.len(),
+            quota_limit: limit,
+            quota_window_secs: window_ms / 1000,
+            quota_left,
+            drain_estimate_secs: drain_secs,
+            quota_frees_at: sent.first().map(|t| t + window_ms),
+        });
     }
-    Ok(HttpResponse::Ok().json(json!({ "businesses": businesses })))
+    Ok(businesses)
 }

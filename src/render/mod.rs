@@ -119,6 +119,38 @@ impl Renderer {
         }
     }
 
+    /// A scratch copy with one template's text replaced (the console's
+    /// playground): the registry in force is never touched. A text that
+    /// does not compile is an error saying where.
+    pub fn with_template(&self, name: &str, source: &str) -> Result<Renderer, String> {
+        if !self.templates.contains(name) {
+            return Err(format!("template {name:?} not found"));
+        }
+        let mut compiled = handlebars::Template::compile(source).map_err(|e| {
+            format!(
+                "template {name:?}: {}{}",
+                template_error(&e),
+                unclosed_block_hint(source)
+            )
+        })?;
+        // The same strict checks as a template loaded from its file.
+        let problems = strict::harden(&mut compiled, &self.hb, &self.partials);
+        if !problems.is_empty() {
+            return Err(format!("template {name:?}: {}", problems.join("; ")));
+        }
+        compiled.name = Some(name.to_owned());
+        let mut hb = self.hb.clone();
+        hb.register_template(name, compiled);
+        let mut sources = self.sources.clone();
+        sources.insert(name.to_owned(), source.to_owned());
+        Ok(Renderer {
+            hb,
+            templates: self.templates.clone(),
+            partials: self.partials.clone(),
+            sources,
+        })
+    }
+
     pub fn template_names(&self) -> impl Iterator<Item = &str> {
         self.templates.iter().map(String::as_str)
     }

@@ -341,7 +341,9 @@ async fn json_logs_carry_numeric_ids_the_next_attempt_and_no_empty_fields() {
         202
     );
     assert_eq!(post(&serve, sample("order_delivered")).await, 202);
-    serve.wait_for_line(&["Market call failed; will retry"]).await;
+    serve
+        .wait_for_line(&["Market call failed; will retry"])
+        .await;
     serve.wait_for_line(&["\"delivered\""]).await;
     serve.wait_for_line(&["webhook accepted"]).await;
     let log = serve.log_text();
