@@ -248,6 +248,21 @@ async fn a_script_in_a_payload_or_a_market_message_shows_as_text_and_runs_nothin
             .await
             .unwrap();
         assert_eq!(ran, Value::Null, "{page} ran the hostile script");
+        // Escaped, not merely blocked by the Content-Security-Policy: the
+        // page holds no element that came from the payload.
+        let injected = browser
+            .client
+            .execute(
+                "return document.querySelectorAll('main script, main img').length;",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            injected,
+            json!(0),
+            "{page} turned the payload into elements"
+        );
     }
     browser.close().await;
     app.stop().await;
