@@ -20,6 +20,7 @@ fn market_refuses(app: &TestApp, code: &str, message: &str) {
         business_id: None,
         chat_id: None,
         times: 1,
+        ..Default::default()
     });
 }
 
