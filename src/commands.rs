@@ -480,9 +480,22 @@ async fn run_demo(config_dir: &Path, examples: &Path) -> anyhow::Result<i32> {
     }
     println!();
     let delivered = market.delivered();
+    // Chats chatbridge found by order or return, to say so beside them.
+    let found: std::collections::HashMap<i64, (String, i64)> = market
+        .requests_of(crate::market::fake::FakeMethod::CreateChat)
+        .into_iter()
+        .filter_map(|r| Some((r.chat_id, r.context?)))
+        .collect();
     for m in &delivered {
+        let how = match found.get(&m.chat_id) {
+            Some((kind, id)) => format!(
+                " (the chat of {} {id}, found with chats/new)",
+                kind.to_lowercase()
+            ),
+            None => String::new(),
+        };
         println!(
-            "── business {}, chat {} ──\n{}\n",
+            "── business {}, chat {}{how} ──\n{}\n",
             m.business_id, m.chat_id, m.message
         );
     }
