@@ -1139,3 +1139,6 @@ impl Store for SqliteStore {
             .await
     }
 }
+
+#[cfg(test)]
+mod upgrade_tests;
