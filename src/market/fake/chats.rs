@@ -10,7 +10,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::send::is_json;
+use super::send::{chat_id_query, is_json};
 use super::{api_error, lock, serve, FakeMethod, FakeState, Parsed};
 use crate::clock::{to_rfc3339, Millis};
 use crate::store::ApiErrorEntry;
@@ -293,24 +293,13 @@ pub(super) fn list_chats(state: &FakeState, business: i64, parsed: &mut Parsed) 
     json!({"status": "OK", "result": result})
 }
 
-#[derive(Deserialize)]
-struct ChatIdQuery {
-    #[serde(rename = "chatId")]
-    chat_id: Option<String>,
-}
-
 pub(super) async fn get_chat(
     state: web::Data<FakeState>,
     req: HttpRequest,
     path: web::Path<String>,
 ) -> HttpResponse {
     serve(state, req, FakeMethod::GetChat, &path, &[], |req, _| {
-        let chat = web::Query::<ChatIdQuery>::from_query(req.query_string())
-            .ok()
-            .and_then(|q| q.chat_id.clone())
-            .and_then(|c| c.parse::<i64>().ok())
-            .filter(|&c| c >= 1)
-            .ok_or("chatId query parameter must be an integer of at least 1")?;
+        let chat = chat_id_query(req)?;
         Ok(Parsed {
             chat_id: Some(chat),
             ..Parsed::default()

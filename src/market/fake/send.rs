@@ -26,12 +26,7 @@ pub(super) async fn send_message(
         &path,
         &body,
         |req, body| {
-            let chat = web::Query::<ChatQuery>::from_query(req.query_string())
-                .ok()
-                .and_then(|q| q.chat_id.clone())
-                .and_then(|c| c.parse::<i64>().ok())
-                .filter(|&c| c >= 1)
-                .ok_or("chatId query parameter must be an integer of at least 1")?;
+            let chat = chat_id_query(req)?;
             if !is_json(req) {
                 return Err("Content-Type must be application/json".into());
             }
@@ -48,6 +43,16 @@ pub(super) async fn send_message(
         },
     )
     .await
+}
+
+/// The `chatId` query parameter the chat methods share.
+pub(super) fn chat_id_query(req: &HttpRequest) -> Result<i64, String> {
+    web::Query::<ChatQuery>::from_query(req.query_string())
+        .ok()
+        .and_then(|q| q.chat_id.clone())
+        .and_then(|c| c.parse::<i64>().ok())
+        .filter(|&c| c >= 1)
+        .ok_or_else(|| "chatId query parameter must be an integer of at least 1".to_owned())
 }
 
 pub(super) fn is_json(req: &HttpRequest) -> bool {
