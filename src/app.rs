@@ -88,7 +88,14 @@ impl Application {
             reload: ReloadState::new(started_with),
         });
         let data = state.clone();
+        let market_settings = state.reload.running_with.market.clone();
+        let campaign_locks = ingest::market::CampaignLocks::default();
         let server = HttpServer::new(move || {
+            // awc's client is !Send: each worker makes its own.
+            let lookup = web::Data::new(ingest::market::CampaignLookup::new(
+                &market_settings,
+                campaign_locks.clone(),
+            ));
             App::new()
                 .wrap_fn(|req, srv| {
                     // A bug must cost one request, never the worker: a
@@ -102,6 +109,7 @@ impl Application {
                         })
                 })
                 .app_data(data.clone())
+                .app_data(lookup)
                 .app_data(web::JsonConfig::default().error_handler(|err, _| {
                     ApiError::bad_request(format!("invalid JSON body: {err}")).into()
                 }))
@@ -112,6 +120,10 @@ impl Application {
                     ApiError::bad_request(format!("invalid path: {err}")).into()
                 }))
                 .route("/hooks/{source}", web::post().to(ingest::receive))
+                .route(
+                    "/hooks/{source}/notification",
+                    web::post().to(ingest::market::receive),
+                )
                 .route("/healthz", web::get().to(healthz))
                 .route("/readyz", web::get().to(readyz))
                 .route("/metrics", web::get().to(metrics_text))

@@ -67,9 +67,14 @@ fn meta_for(
     now: i64,
 ) -> Result<EventMeta, String> {
     let event_type = payload
-        .pointer(&source.event_type)
+        .pointer(source.event_type_pointer())
         .and_then(Value::as_str)
-        .ok_or_else(|| format!("no event type (a string) at {:?}", source.event_type))?;
+        .ok_or_else(|| {
+            format!(
+                "no event type (a string) at {:?}",
+                source.event_type_pointer()
+            )
+        })?;
     let id = source
         .event_id
         .as_deref()
@@ -80,12 +85,48 @@ fn meta_for(
                 .unwrap_or_else(|| v.to_string())
         })
         .unwrap_or_else(|| "sample".into());
+    // A notification's own business, if it names one; a campaign's is
+    // filled in from [market.campaigns] by the pipeline.
+    let business_id = (source.kind == crate::settings::SourceKind::Market)
+        .then(|| payload.get("businessId").and_then(Value::as_i64))
+        .flatten();
     Ok(EventMeta {
         source: name.to_owned(),
         event_type: event_type.to_owned(),
         id,
         received_at: to_rfc3339(now),
+        business_id,
     })
+}
+
+/// The business a check or dry run renders a Market notification for when
+/// its campaign is not in `[market.campaigns]`: `serve` asks the Market,
+/// which an offline command cannot. Returns the note to print, once per
+/// campaign.
+const STAND_IN_BUSINESS: i64 = 1;
+
+fn stand_in_business(
+    pipeline: &Pipeline,
+    source: &SourceSettings,
+    payload: &Value,
+    meta: &mut EventMeta,
+) -> Option<String> {
+    let campaign = payload.get("campaignId").and_then(Value::as_i64)?;
+    if source.kind != crate::settings::SourceKind::Market
+        || meta.business_id.is_some()
+        || pipeline
+            .settings
+            .market
+            .configured_campaign(campaign)
+            .is_some()
+    {
+        return None;
+    }
+    meta.business_id = Some(STAND_IN_BUSINESS);
+    Some(format!(
+        "campaign {campaign} is not in [market.campaigns]: serve asks the Market for its business \
+         (GET /v2/campaigns/{campaign}); rendered here for business {STAND_IN_BUSINESS} as a stand-in"
+    ))
 }
 
 /// `chatbridge check`: validate everything and render every route against
@@ -114,15 +155,21 @@ pub fn check(config_dir: &Path, examples: &Path) -> i32 {
     let now = SystemClock.now_ms();
     let mut used_routes = std::collections::HashSet::new();
     let mut rendered = 0;
+    let mut notes: Vec<String> = Vec::new();
     for sample in &events {
         let source = &pipeline.settings.sources[&sample.source];
-        let meta = match meta_for(source, &sample.source, &sample.payload, now) {
+        let mut meta = match meta_for(source, &sample.source, &sample.payload, now) {
             Ok(m) => m,
             Err(e) => {
                 problems.push(format!("{}: {e}", sample.file.display()));
                 continue;
             }
         };
+        if let Some(note) = stand_in_business(&pipeline, source, &sample.payload, &mut meta) {
+            if !notes.contains(&note) {
+                notes.push(note);
+            }
+        }
         let planned = pipeline.plan(&sample.payload, &meta);
         // Not a failure: a sample may show an event that rightly sends
         // nothing. But it is most often a typo in a route, so say it.
@@ -156,6 +203,9 @@ pub fn check(config_dir: &Path, examples: &Path) -> i32 {
                 examples.display()
             ));
         }
+    }
+    for n in &notes {
+        println!("note: {n}");
     }
     for w in &warnings {
         println!("warning: {w}");
@@ -241,13 +291,16 @@ pub fn render(config_dir: &Path, source: &str, event_file: &Path) -> i32 {
             return 1;
         }
     };
-    let meta = match meta_for(source_settings, source, &payload, SystemClock.now_ms()) {
+    let mut meta = match meta_for(source_settings, source, &payload, SystemClock.now_ms()) {
         Ok(m) => m,
         Err(e) => {
             println!("{}: {e}", event_file.display());
             return 1;
         }
     };
+    if let Some(note) = stand_in_business(&pipeline, source_settings, &payload, &mut meta) {
+        println!("note: {note}\n");
+    }
     let planned = pipeline.plan(&payload, &meta);
     if planned.is_empty() {
         println!(
@@ -395,6 +448,11 @@ pub async fn post_sample(
     Ok((response.status().as_u16(), body))
 }
 
+/// The campaign of the sample notifications, and the business the demo's
+/// fake Market says it belongs to.
+const DEMO_CAMPAIGN: i64 = 21_000_001;
+const DEMO_BUSINESS: i64 = 111;
+
 /// `chatbridge demo`: the bridge and a fake Market in one process, on a
 /// fresh temporary database; posts the sample events and prints what the
 /// buyers got.
@@ -413,18 +471,52 @@ async fn run_demo(config_dir: &Path, examples: &Path) -> anyhow::Result<i32> {
     let mut settings = Settings::load(config_dir)?;
     let temp = tempfile::tempdir()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let market = FakeMarket::start("127.0.0.1:0", FakeConfig::default(), clock.clone())?;
+    // The fake knows the sample notifications' campaign, so the demo shows
+    // chatbridge learning its business from GET /v2/campaigns/{id}.
+    let fake = FakeConfig {
+        campaigns: [(DEMO_CAMPAIGN.to_string(), DEMO_BUSINESS)].into(),
+        ..FakeConfig::default()
+    };
+    let market = FakeMarket::start("127.0.0.1:0", fake, clock.clone())?;
     settings.storage.url = format!("sqlite://{}", temp.path().join("demo.db").display());
     settings.market.base_url = market.base_url();
     settings.market.api_key = Some("demo-api-key".to_owned().into());
     settings.server.listen = "127.0.0.1:0".into();
     settings.server.watch_config = false;
+    // The Market's notifications come from its own ranges; here from the
+    // fake's notifier, on loopback.
+    for source in settings.sources.values_mut() {
+        if source.kind == crate::settings::SourceKind::Market {
+            source.allow_from = vec!["127.0.0.1/32".into(), "::1/128".into()];
+        }
+    }
     let pipeline = Pipeline::from_settings(settings).map_err(|p| anyhow::anyhow!(p.join("\n")))?;
     let (samples, problems) = sample_events(&pipeline.settings, examples);
     for p in &problems {
         println!("skipped {p}");
     }
     let sources = pipeline.settings.sources.clone();
+    // How many messages each Market sample should give: its answer is the
+    // spec's 200, which does not list deliveries.
+    let market_routes: Vec<usize> = samples
+        .iter()
+        .map(|sample| {
+            let source = &sources[&sample.source];
+            if source.kind != crate::settings::SourceKind::Market {
+                return 0;
+            }
+            meta_for(source, &sample.source, &sample.payload, clock.now_ms())
+                .map(|mut meta| {
+                    meta.business_id = Some(DEMO_BUSINESS);
+                    pipeline
+                        .plan(&sample.payload, &meta)
+                        .iter()
+                        .filter(|p| p.rendered.is_ok())
+                        .count()
+                })
+                .unwrap_or(0)
+        })
+        .collect();
     let app = Application::build(
         pipeline,
         BuildOptions {
@@ -445,6 +537,18 @@ async fn run_demo(config_dir: &Path, examples: &Path) -> anyhow::Result<i32> {
     let client = awc::Client::default();
     let mut expected = 0;
     for (i, sample) in samples.iter().enumerate() {
+        if sources[&sample.source].kind == crate::settings::SourceKind::Market {
+            let url = format!("{base}/hooks/{}", sample.source);
+            let answers = crate::market::fake::notifier::push(&url, &sample.payload, 1).await;
+            let answer = answers.first().map(|a| a.status.unwrap_or(0)).unwrap_or(0);
+            println!(
+                "the Market notifies POST /hooks/{}/notification {} → {answer}",
+                sample.source,
+                sample.file.display(),
+            );
+            expected += market_routes.get(i).copied().unwrap_or(0);
+            continue;
+        }
         let id = format!("demo-{}-{i}", clock.now_ms());
         let (status, body) = post_sample(
             &client,

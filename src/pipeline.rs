@@ -105,6 +105,7 @@ impl Pipeline {
     }
 
     fn plan_with(&self, renderer: &Renderer, payload: &Value, meta: &EventMeta) -> Vec<Planned> {
+        let meta = &self.with_configured_business(payload, meta);
         let context = event_context(payload, meta);
         self.routes
             .route(&meta.source, &meta.event_type, payload)
@@ -143,8 +144,31 @@ impl Pipeline {
     ) -> Option<Result<Rendered, String>> {
         let route = self.routes.routes.iter().find(|r| r.name == route)?;
         Some(stored_context(event).and_then(|(payload, meta)| {
+            let meta = self.with_configured_business(&payload, &meta);
             self.renderer.render(route, &event_context(&payload, &meta))
         }))
+    }
+}
+
+impl Pipeline {
+    /// The meta with the business `[market.campaigns]` names for the
+    /// event's `campaignId`, when it has none yet: so an event whose
+    /// campaign was unknown renders once the operator configures it.
+    fn with_configured_business(&self, payload: &Value, meta: &EventMeta) -> EventMeta {
+        let mut meta = meta.clone();
+        let is_market = self
+            .settings
+            .sources
+            .get(&meta.source)
+            .is_some_and(|s| s.kind == crate::settings::SourceKind::Market);
+        if meta.business_id.is_none() && is_market {
+            meta.business_id = payload
+                .get("campaignId")
+                .and_then(Value::as_i64)
+                .and_then(|c| self.settings.market.configured_campaign(c))
+                .map(|b| b.0);
+        }
+        meta
     }
 }
 
@@ -156,6 +180,7 @@ fn stored_context(event: &StoredEvent) -> Result<(Value, EventMeta), String> {
         event_type: event.event_type.clone(),
         id: event.external_id.clone(),
         received_at: to_rfc3339(event.received_at),
+        business_id: event.business_id.map(|b| b.0),
     };
     Ok((payload, meta))
 }

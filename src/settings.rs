@@ -222,6 +222,10 @@ pub struct MarketSettings {
     pub max_in_flight: usize,
     pub request_timeout_secs: u64,
     pub businesses: BTreeMap<String, BusinessSettings>,
+    /// Campaign id → business id, for the Market's notifications (which
+    /// name the campaign); a campaign not here is looked up with
+    /// `GET /v2/campaigns/{id}` once and remembered in the store.
+    pub campaigns: BTreeMap<String, i64>,
 }
 
 impl Default for MarketSettings {
@@ -235,6 +239,7 @@ impl Default for MarketSettings {
             max_in_flight: 4,
             request_timeout_secs: 10,
             businesses: BTreeMap::new(),
+            campaigns: BTreeMap::new(),
         }
     }
 }
@@ -271,6 +276,14 @@ impl BusinessLimits {
 }
 
 impl MarketSettings {
+    /// The business `[market.campaigns]` names for a campaign.
+    pub fn configured_campaign(&self, campaign: i64) -> Option<BusinessId> {
+        self.campaigns
+            .get(&campaign.to_string())
+            .filter(|&&b| b >= 1)
+            .map(|&b| BusinessId(b))
+    }
+
     pub fn limits_for(&self, business: BusinessId) -> BusinessLimits {
         let own = self.businesses.get(&business.to_string());
         BusinessLimits {
@@ -363,9 +376,37 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
+/// What protocol a source speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SourceKind {
+    /// `POST /hooks/{source}`: our webhook format (signed or with a token).
+    #[default]
+    Webhook,
+    /// `POST /hooks/{source}/notification`: the Market's push notifications.
+    Market,
+}
+
+impl<'de> Deserialize<'de> for SourceKind {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match String::deserialize(deserializer)?.as_str() {
+            "webhook" => Ok(Self::Webhook),
+            "market" => Ok(Self::Market),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a source kind; write \"webhook\" or \"market\""
+            ))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceSettings {
+    #[serde(default)]
+    pub kind: SourceKind,
+    /// Callers allowed (IPs or CIDRs); a market source needs it or
+    /// `insecure = true`, since the Market does not sign notifications.
+    #[serde(default)]
+    pub allow_from: Vec<String>,
     #[serde(default)]
     pub secret: Option<SecretList>,
     #[serde(default)]
@@ -428,6 +469,70 @@ impl ServerSettings {
             .iter()
             .filter_map(|p| parse_net(p))
             .any(|net| net.contains(&peer))
+    }
+
+    /// The client's address: the direct peer, or, when the peer is a
+    /// trusted proxy, the right-most `X-Forwarded-For` hop that is not one
+    /// (a client can write anything to the left of what its proxy appends).
+    /// All hops trusted: the left-most.
+    pub fn client_ip(
+        &self,
+        peer: std::net::IpAddr,
+        forwarded_for: Option<&str>,
+    ) -> std::net::IpAddr {
+        if !self.is_trusted_proxy(peer) {
+            return peer;
+        }
+        let hops: Vec<std::net::IpAddr> = forwarded_for
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|h| parse_hop(h.trim()))
+            .collect();
+        let mut client = peer;
+        for hop in hops.into_iter().rev() {
+            client = hop;
+            if !self.is_trusted_proxy(hop) {
+                break;
+            }
+        }
+        client
+    }
+}
+
+/// One `X-Forwarded-For` entry: an IP, maybe with a port (`1.2.3.4:5`,
+/// `[::1]:5`).
+fn parse_hop(hop: &str) -> Option<std::net::IpAddr> {
+    hop.parse::<std::net::IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+}
+
+impl SourceSettings {
+    /// Where the event type is: `notificationType` for the Market's
+    /// notifications, else the `event_type` pointer.
+    pub fn event_type_pointer(&self) -> &str {
+        match self.kind {
+            SourceKind::Market => "/notificationType",
+            SourceKind::Webhook => &self.event_type,
+        }
+    }
+
+    /// Whether `allow_from` lets `client` call (always, with `insecure`).
+    pub fn allows(&self, client: std::net::IpAddr) -> bool {
+        // `::ffff:1.2.3.4` is the IPv4 caller of a dual-stack listener.
+        let client = match client {
+            std::net::IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(std::net::IpAddr::V4)
+                .unwrap_or(client),
+            v4 => v4,
+        };
+        (self.insecure && self.allow_from.is_empty())
+            || self
+                .allow_from
+                .iter()
+                .filter_map(|p| parse_net(p))
+                .any(|net| net.contains(&client))
     }
 }
 
@@ -584,6 +689,18 @@ impl Settings {
         for (name, source) in &self.sources {
             out.extend(source_problems(name, source));
         }
+        for (campaign, business) in &self.market.campaigns {
+            if campaign.parse::<i64>().map_or(true, |c| c < 1) {
+                out.push(format!(
+                    "[market.campaigns]: {campaign:?} is not a campaign id (a positive integer, quoted: \"12345\" = 111)"
+                ));
+            }
+            if *business < 1 {
+                out.push(format!(
+                    "[market.campaigns]: campaign {campaign:?} = {business}: the business id must be a positive integer"
+                ));
+            }
+        }
         out
     }
 }
@@ -600,8 +717,38 @@ fn source_problems(name: &str, source: &SourceSettings) -> Vec<String> {
             "{at}: a source name may only hold a-z, 0-9, _ and -"
         ));
     }
+    for net in &source.allow_from {
+        if parse_net(net).is_none() {
+            out.push(format!(
+                "{at}: allow_from: {net:?} is not an IP address or a CIDR like \"5.45.207.0/25\""
+            ));
+        }
+    }
     let has_secret = source.secret.as_ref().is_some_and(|s| !s.is_empty());
     let has_token = source.token.as_ref().is_some_and(|s| !s.is_empty());
+    if source.kind == SourceKind::Market {
+        if has_secret || has_token {
+            out.push(format!(
+                "{at}: the Market does not sign notifications, so a kind = \"market\" source takes no secret or token; limit its callers with allow_from"
+            ));
+        }
+        if source.allow_from.is_empty() && !source.insecure {
+            out.push(format!(
+                "{at}: a kind = \"market\" source needs allow_from = [\"5.45.207.0/25\", \"141.8.142.0/25\", \"5.255.253.0/25\"] (the Market's addresses), or insecure = true to accept notifications from anyone"
+            ));
+        }
+        if source.event_type != default_event_type_pointer() || source.event_id.is_some() {
+            out.push(format!(
+                "{at}: a kind = \"market\" source takes its event type from notificationType and has no event id; remove event_type and event_id"
+            ));
+        }
+        return out;
+    }
+    if !source.allow_from.is_empty() {
+        out.push(format!(
+            "{at}: allow_from is for kind = \"market\" sources; a webhook source is checked by its secret or token"
+        ));
+    }
     if has_secret && has_token {
         out.push(format!("{at}: give either secret or token, not both"));
     }
@@ -752,6 +899,8 @@ mod tests {
     #[test]
     fn sources_without_a_secret_must_say_insecure() {
         let source = SourceSettings {
+            kind: SourceKind::Webhook,
+            allow_from: Vec::new(),
             secret: None,
             token: None,
             insecure: false,
@@ -765,6 +914,8 @@ mod tests {
     #[test]
     fn pointers_without_a_slash_get_a_suggestion() {
         let source = SourceSettings {
+            kind: SourceKind::Webhook,
+            allow_from: Vec::new(),
             secret: None,
             token: None,
             insecure: true,

@@ -10,6 +10,7 @@
 //! one line per source and code per `telemetry::REFUSAL_LOG_INTERVAL_MS`, with a count
 //! of the lines left out); accepted ones at DEBUG.
 
+pub mod market;
 pub mod signature;
 
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -37,23 +38,35 @@ pub async fn receive(
     let source = source.into_inner();
     let result = accept(&state, &pipeline, &req, &source, payload).await;
     let outcome = match &result {
-        Ok(r) if r.status() == actix_web::http::StatusCode::OK => "duplicate",
-        Ok(_) => "accepted",
-        Err(e) => e.code,
+        Ok(r) if r.status() == actix_web::http::StatusCode::OK => Ok("duplicate"),
+        Ok(_) => Ok("accepted"),
+        Err(e) => Err(e),
     };
-    // Label only configured sources, so strangers cannot grow the metric
-    // (or the refusal log's table).
-    let label = if pipeline.settings.sources.contains_key(&source) {
-        source.as_str()
+    note_outcome(&state, &pipeline, &req, &source, outcome);
+    result
+}
+
+/// Counts a request in the webhook metric and logs a refusal (rate
+/// limited), for both protocols. Only configured sources are labelled, so
+/// strangers cannot grow the metric (or the refusal log's table).
+pub(crate) fn note_outcome(
+    state: &AppState,
+    pipeline: &Pipeline,
+    req: &HttpRequest,
+    source: &str,
+    outcome: Result<&'static str, &ApiError>,
+) {
+    let label = if pipeline.settings.sources.contains_key(source) {
+        source
     } else {
         "unknown"
     };
-    if let Err(e) = &result {
+    if let Err(e) = outcome {
         state.refusals.refused(
             state.clock.now_ms(),
             crate::telemetry::Refusal {
                 source: label,
-                requested_source: &source,
+                requested_source: source,
                 status: e.status.as_u16(),
                 code: e.code,
                 reason: &e.message,
@@ -61,29 +74,24 @@ pub async fn receive(
             },
         );
     }
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => e.code,
+    };
     state
         .metrics
         .webhooks
         .with_label_values(&[label, outcome])
         .inc();
-    result
 }
 
-async fn accept(
-    state: &AppState,
+/// Reads the body within `server.max_body_bytes` (413) and
+/// `server.body_timeout_ms` (408).
+pub(crate) async fn read_body(
     pipeline: &Pipeline,
     req: &HttpRequest,
-    source: &str,
     mut payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    let source = source.to_owned();
-    let Some(source_settings) = pipeline.settings.sources.get(&source) else {
-        return Err(ApiError::new(
-            404,
-            "unknown_source",
-            format!("no source {source:?} is configured"),
-        ));
-    };
+) -> Result<web::BytesMut, ApiError> {
     let limit = pipeline.settings.server.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -98,7 +106,7 @@ async fn accept(
     }
     // A client that stops mid-body must not hold a connection forever.
     let body_timeout = std::time::Duration::from_millis(pipeline.settings.server.body_timeout_ms);
-    let body = tokio::time::timeout(body_timeout, async {
+    tokio::time::timeout(body_timeout, async {
         let mut body = web::BytesMut::new();
         while let Some(chunk) = payload.next().await {
             let chunk = chunk
@@ -120,7 +128,11 @@ async fn accept(
                 body_timeout.as_millis()
             ),
         )
-    })??;
+    })?
+}
+
+/// 415 unless the request says its body is JSON.
+pub(crate) fn require_json(req: &HttpRequest, what: &str) -> Result<(), ApiError> {
     let is_json = header(req, "content-type").is_some_and(|ct| {
         let media = ct
             .split(';')
@@ -131,13 +143,105 @@ async fn accept(
         media == "application/json"
             || (media.starts_with("application/") && media.ends_with("+json"))
     });
-    if !is_json {
-        return Err(ApiError::new(
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::new(
             415,
             "unsupported_media_type",
-            "send the event with Content-Type: application/json",
+            format!("send the {what} with Content-Type: application/json"),
+        ))
+    }
+}
+
+/// The deliveries a plan stores: rendered ones queued, the others failed
+/// with their reason and the ids that did render.
+pub(crate) fn deliveries_of(planned: Vec<crate::pipeline::Planned>) -> Vec<NewDelivery> {
+    planned
+        .into_iter()
+        .map(|planned| NewDelivery {
+            route: planned.route,
+            template: planned.template,
+            rendered: planned
+                .rendered
+                .map(|r| RenderedMessage {
+                    business_id: r.business_id,
+                    target: r.target,
+                    text: r.text.into_string(),
+                })
+                // Keep the ids that did render, so the failed delivery
+                // shows up when filtering by its business or chat.
+                .map_err(|reason| RenderFailure {
+                    reason,
+                    business_id: planned.business_id,
+                    target: planned.target,
+                }),
+        })
+        .collect()
+}
+
+/// Why each delivery failed to render (`None`: it rendered), in order.
+pub(crate) fn failure_reasons(deliveries: &[NewDelivery]) -> Vec<Option<String>> {
+    deliveries
+        .iter()
+        .map(|d| d.rendered.as_ref().err().map(|f| f.reason.clone()))
+        .collect()
+}
+
+/// What follows a new event's commit: metrics, the failed renders' log
+/// lines, and waking the dispatcher.
+pub(crate) fn after_commit(
+    state: &AppState,
+    req: &HttpRequest,
+    stored: &StoredEvent,
+    reasons: &[Option<String>],
+) {
+    for d in &stored.deliveries {
+        state
+            .metrics
+            .deliveries_total
+            .with_label_values(&[d.state.as_str()])
+            .inc();
+    }
+    log_failures(stored, reasons);
+    tracing::debug!(
+        source = %stored.source,
+        event_id = %stored.external_id,
+        event_type = %stored.event_type,
+        deliveries = stored.deliveries.len(),
+        peer = req.peer_addr().map(|p| p.to_string()),
+        "event accepted"
+    );
+    state.wake.notify_one();
+}
+
+async fn accept(
+    state: &AppState,
+    pipeline: &Pipeline,
+    req: &HttpRequest,
+    source: &str,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let source = source.to_owned();
+    let Some(source_settings) = pipeline.settings.sources.get(&source) else {
+        return Err(ApiError::new(
+            404,
+            "unknown_source",
+            format!("no source {source:?} is configured"),
+        ));
+    };
+    if source_settings.kind == crate::settings::SourceKind::Market {
+        return Err(ApiError::new(
+            404,
+            "wrong_path",
+            format!(
+                "source {source:?} receives the Market's notifications at POST /hooks/{source}/notification \
+                 (register https://<host>/hooks/{source} in the Market's cabinet)"
+            ),
         ));
     }
+    let body = read_body(pipeline, req, payload).await?;
+    require_json(req, "event")?;
     let now = state.clock.now_ms();
     let headers = AuthHeaders {
         webhook_id: header(req, "webhook-id"),
@@ -164,33 +268,10 @@ async fn accept(
         event_type: event_type.clone(),
         id: event_id.clone(),
         received_at: to_rfc3339(now),
+        business_id: None,
     };
-    let deliveries = pipeline
-        .plan(&event, &meta)
-        .into_iter()
-        .map(|planned| NewDelivery {
-            route: planned.route,
-            template: planned.template,
-            rendered: planned
-                .rendered
-                .map(|r| RenderedMessage {
-                    business_id: r.business_id,
-                    target: r.target,
-                    text: r.text.into_string(),
-                })
-                // Keep the ids that did render, so the failed delivery
-                // shows up when filtering by its business or chat.
-                .map_err(|reason| RenderFailure {
-                    reason,
-                    business_id: planned.business_id,
-                    target: planned.target,
-                }),
-        })
-        .collect::<Vec<_>>();
-    let reasons: Vec<Option<String>> = deliveries
-        .iter()
-        .map(|d| d.rendered.as_ref().err().map(|f| f.reason.clone()))
-        .collect();
+    let deliveries = deliveries_of(pipeline.plan(&event, &meta));
+    let reasons = failure_reasons(&deliveries);
     let inserted = state
         .store
         .insert_event(NewEvent {
@@ -200,27 +281,13 @@ async fn accept(
             payload: String::from_utf8_lossy(&body).into_owned(),
             received_at: now,
             deliveries,
+            business_id: None,
+            ordering: None,
         })
         .await?;
     Ok(match inserted {
         Inserted::New(stored) => {
-            for d in &stored.deliveries {
-                state
-                    .metrics
-                    .deliveries_total
-                    .with_label_values(&[d.state.as_str()])
-                    .inc();
-            }
-            log_failures(&stored, &reasons);
-            tracing::debug!(
-                source = %stored.source,
-                event_id = %stored.external_id,
-                event_type = %stored.event_type,
-                deliveries = stored.deliveries.len(),
-                peer = req.peer_addr().map(|p| p.to_string()),
-                "webhook accepted"
-            );
-            state.wake.notify_one();
+            after_commit(state, req, &stored, &reasons);
             HttpResponse::Accepted().json(answer(&stored, false))
         }
         Inserted::Duplicate(stored) => {
@@ -293,7 +360,7 @@ pub fn parse_event(
             "the event must be a JSON object",
         ));
     }
-    let event_type = match payload.pointer(&source.event_type) {
+    let event_type = match payload.pointer(source.event_type_pointer()) {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         _ => {
             return Err(ApiError::new(
@@ -301,7 +368,7 @@ pub fn parse_event(
                 "missing_event_type",
                 format!(
                     "no event type (a non-empty string) at {:?}",
-                    source.event_type
+                    source.event_type_pointer()
                 ),
             ))
         }

@@ -1,5 +1,6 @@
-//! The Market methods chatbridge calls, with awc: send a chat message, and
-//! find (or open) the chat of an order or return (`chats/new`). One request
+//! The Market methods chatbridge calls, with awc: send a chat message,
+//! find (or open) the chat of an order or return (`chats/new`), and the
+//! business a campaign belongs to (`GET /v2/campaigns/{id}`). One request
 //! per call, no retries here: what an answer means is the dispatcher's
 //! decision. Every request carries `X-Market-Integration`. awc's client is
 //! `!Send`, so a [`MarketClient`] lives on the thread that made it.
@@ -28,6 +29,15 @@ pub struct MarketAnswer {
     pub latency: Duration,
     /// `result.chatId` of a `chats/new` answer.
     pub chat_id: Option<ChatId>,
+}
+
+/// What `GET /v2/campaigns/{id}` answered.
+#[derive(Debug, Clone)]
+pub struct CampaignAnswer {
+    pub status: u16,
+    /// `campaign.business.id` of a 200.
+    pub business_id: Option<BusinessId>,
+    pub errors: Vec<ApiErrorEntry>,
 }
 
 /// No answer at all.
@@ -100,6 +110,50 @@ impl MarketClient {
             serde_json::json!({ "context": { "type": context.kind.as_str(), "id": context.id } }),
         )
         .await
+    }
+
+    /// `GET /v2/campaigns/{campaignId}`: the answer's `campaign.business.id`
+    /// is in [`CampaignAnswer::business_id`].
+    pub async fn get_campaign(
+        &self,
+        api_key: &SecretString,
+        campaign: i64,
+    ) -> Result<CampaignAnswer, TransportError> {
+        let url = format!("{}{}", self.base_url, super::campaign_path(campaign));
+        let sent = self
+            .http
+            .get(url)
+            .insert_header((HEADER_API_KEY, api_key.expose_secret()))
+            .send()
+            .await;
+        let mut response = sent.map_err(|e| self.transport_error(e))?;
+        let status = response.status().as_u16();
+        let body = response
+            .body()
+            .limit(MAX_ANSWER_BYTES)
+            .await
+            .unwrap_or_default();
+        let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let errors = serde_json::from_value::<ApiResponse>(parsed.clone())
+            .map(|r| r.errors)
+            .unwrap_or_default();
+        Ok(CampaignAnswer {
+            status,
+            business_id: parsed
+                .pointer("/campaign/business/id")
+                .and_then(serde_json::Value::as_i64)
+                .filter(|&b| b >= 1)
+                .map(BusinessId),
+            errors,
+        })
+    }
+
+    fn transport_error(&self, e: awc::error::SendRequestError) -> TransportError {
+        match e {
+            awc::error::SendRequestError::Timeout => TransportError::Timeout(self.timeout),
+            awc::error::SendRequestError::Connect(e) => TransportError::Connect(e.to_string()),
+            e => TransportError::Other(e.to_string()),
+        }
     }
 
     async fn post(

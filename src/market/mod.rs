@@ -46,3 +46,7 @@ pub fn send_message_path(business: i64, chat: i64) -> String {
 pub fn create_chat_path(business: i64) -> String {
     format!("/v2/businesses/{business}/chats/new")
 }
+
+pub fn campaign_path(campaign: i64) -> String {
+    format!("/v2/campaigns/{campaign}")
+}

@@ -29,6 +29,10 @@ pub struct EventMeta {
     pub event_type: String,
     pub id: String,
     pub received_at: String,
+    /// The business a Market notification was resolved to (its campaign's);
+    /// absent for other events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub business_id: Option<i64>,
 }
 
 /// A message ready to send.

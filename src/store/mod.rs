@@ -14,7 +14,13 @@
 //!   waiting behind it keep their order when the chat is found;
 //! - the chat found for `(business, order or return)` is remembered for
 //!   good, and every later delivery of that context takes it at once;
-//! - stored times come from the caller (the injected clock).
+//! - stored times come from the caller (the injected clock);
+//! - an event that says when it happened about a subject (`ordering`: the
+//!   Market's status notifications about an order or return) is checked,
+//!   in the same transaction that stores it, against the latest such time
+//!   already stored for that subject: when it is older, its deliveries are
+//!   stored `cancelled` with a reason saying so, and nothing is sent;
+//! - a campaign's business, once learnt, is remembered for good.
 
 mod lock;
 mod sqlite;
@@ -50,6 +56,21 @@ pub struct NewEvent {
     pub payload: String,
     pub received_at: Millis,
     pub deliveries: Vec<NewDelivery>,
+    /// The business the event was resolved to when it is not in its body
+    /// (a Market notification names its campaign): kept with the event so
+    /// a retry renders it the same way.
+    pub business_id: Option<BusinessId>,
+    /// Set for events that may arrive out of order (see [`EventOrdering`]).
+    pub ordering: Option<EventOrdering>,
+}
+
+/// When an event happened, about what: a status of an order or return.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventOrdering {
+    /// What the times are compared within, e.g. `order:123` (per source).
+    pub subject: String,
+    /// The event's own time (the Market's `updatedAt` or `cancelledAt`).
+    pub happened_at: Millis,
 }
 
 pub struct NewDelivery {
@@ -92,6 +113,8 @@ pub struct StoredEvent {
     pub payload: String,
     pub received_at: Millis,
     pub deliveries: Vec<DeliverySummary>,
+    /// The business resolved for it on arrival (see [`NewEvent::business_id`]).
+    pub business_id: Option<BusinessId>,
 }
 
 pub enum Inserted {
@@ -331,6 +354,18 @@ pub trait Store: Send + Sync + 'static {
     /// Returns how many events went; their ids may then be sent again.
     async fn prune(&self, before: Millis, batch: usize) -> StoreResult<u64>;
     async fn ping(&self) -> StoreResult<()>;
+
+    /// The business remembered for a Market campaign, if any.
+    async fn campaign_business(&self, campaign: i64) -> StoreResult<Option<BusinessId>>;
+
+    /// Remembers a campaign's business (durably, before returning). A
+    /// campaign already known keeps its first business.
+    async fn remember_campaign(
+        &self,
+        campaign: i64,
+        business: BusinessId,
+        now: Millis,
+    ) -> StoreResult<()>;
 }
 
 /// The file of a `sqlite://` (or `sqlite:`) `storage.url`.

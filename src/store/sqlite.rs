@@ -94,6 +94,20 @@ ALTER TABLE attempts ADD COLUMN method TEXT NOT NULL DEFAULT 'send';
 DROP INDEX attempts_quota;
 CREATE INDEX attempts_quota ON attempts (business_id, method, finished_at) WHERE counts_quota = 1;
 "#,
+    // The Market's notifications: the business a campaign belongs to, the
+    // business resolved for an event, and when an event happened to its
+    // subject (an order or return), to spot statuses that arrive late.
+    r#"
+CREATE TABLE market_campaigns (
+    campaign_id INTEGER PRIMARY KEY,
+    business_id INTEGER NOT NULL,
+    learnt_at   INTEGER NOT NULL
+);
+ALTER TABLE events ADD COLUMN business_id INTEGER;
+ALTER TABLE events ADD COLUMN subject TEXT;
+ALTER TABLE events ADD COLUMN happened_at INTEGER;
+CREATE INDEX events_subject ON events (source, subject, happened_at) WHERE subject IS NOT NULL;
+"#,
 ];
 
 type WriteFn<T> = Box<dyn FnOnce(&Connection) -> StoreResult<T> + Send>;
@@ -295,7 +309,7 @@ fn event_by_key(
 fn event_by_id(conn: &Connection, id: i64) -> StoreResult<Option<StoredEvent>> {
     let event = conn
         .query_row(
-            "SELECT id, source, external_id, event_type, payload, received_at FROM events WHERE id = ?1",
+            "SELECT id, source, external_id, event_type, payload, received_at, business_id FROM events WHERE id = ?1",
             [id],
             |r| {
                 Ok(StoredEvent {
@@ -306,6 +320,7 @@ fn event_by_id(conn: &Connection, id: i64) -> StoreResult<Option<StoredEvent>> {
                     payload: r.get(4)?,
                     received_at: r.get(5)?,
                     deliveries: Vec::new(),
+                    business_id: r.get::<_, Option<i64>>(6)?.map(BusinessId),
                 })
             },
         )
@@ -402,6 +417,40 @@ fn remember_chat(
     })
     .map_err(db_error)?;
     Ok(())
+}
+
+/// Why an event about `ordering.subject` must send nothing: a stored
+/// event of the same source and subject happened later. `None`: it is the
+/// latest news (ties are not stale: they carry other statuses, or they
+/// would have been repeats).
+fn later_news(
+    conn: &Connection,
+    source: &str,
+    ordering: &EventOrdering,
+    this_event: i64,
+) -> StoreResult<Option<String>> {
+    let later: Option<(i64, String, i64)> = conn
+        .prepare_cached(
+            "SELECT id, event_type, happened_at FROM events INDEXED BY events_subject
+             WHERE source = ?1 AND subject = ?2 AND happened_at > ?3 AND id <> ?4
+             ORDER BY happened_at DESC LIMIT 1",
+        )
+        .and_then(|mut s| {
+            s.query_row(
+                params![source, ordering.subject, ordering.happened_at, this_event],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+        })
+        .map_err(db_error)?;
+    Ok(later.map(|(id, event_type, at)| {
+        format!(
+            "stale: this notification about {} happened at {}, but event {id} ({event_type}) about it happened later, at {}; not sent, so the buyer does not hear old news after new",
+            ordering.subject,
+            to_rfc3339(ordering.happened_at),
+            to_rfc3339(at)
+        )
+    }))
 }
 
 fn outcome_name(verdict: &Verdict) -> &'static str {
@@ -535,8 +584,9 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let inserted = conn
                 .prepare_cached(
-                    "INSERT INTO events (source, external_id, event_type, payload, received_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (source, external_id) DO NOTHING",
+                    "INSERT INTO events (source, external_id, event_type, payload, received_at,
+                         business_id, subject, happened_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (source, external_id) DO NOTHING",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -544,7 +594,10 @@ impl Store for SqliteStore {
                         event.external_id,
                         event.event_type,
                         event.payload,
-                        event.received_at
+                        event.received_at,
+                        event.business_id.map(|b| b.0),
+                        event.ordering.as_ref().map(|o| o.subject.as_str()),
+                        event.ordering.as_ref().map(|o| o.happened_at),
                     ])
                 })
                 .map_err(db_error)?;
@@ -554,6 +607,10 @@ impl Store for SqliteStore {
                     .ok_or_else(|| StoreError::Database("duplicate event vanished".into()));
             }
             let event_id = conn.last_insert_rowid();
+            let superseded = match &event.ordering {
+                Some(o) => later_news(conn, &event.source, o, event_id)?,
+                None => None,
+            };
             let mut stmt = conn
                 .prepare_cached(
                     "INSERT INTO deliveries (event_id, route, template, business_id, chat_id, text, state,
@@ -564,9 +621,10 @@ impl Store for SqliteStore {
                 .map_err(db_error)?;
             let mut deliveries = Vec::with_capacity(event.deliveries.len());
             for d in &event.deliveries {
-                let (business, text, state, reason) = match &d.rendered {
-                    Ok(m) => (Some(m.business_id.0), Some(m.text.as_str()), DeliveryState::Queued, None),
-                    Err(f) => (f.business_id.map(|b| b.0), None, DeliveryState::Failed, Some(f.reason.as_str())),
+                let (business, text, state, reason) = match (&d.rendered, &superseded) {
+                    (Ok(m), Some(why)) => (Some(m.business_id.0), Some(m.text.as_str()), DeliveryState::Cancelled, Some(why.as_str())),
+                    (Ok(m), None) => (Some(m.business_id.0), Some(m.text.as_str()), DeliveryState::Queued, None),
+                    (Err(f), _) => (f.business_id.map(|b| b.0), None, DeliveryState::Failed, Some(f.reason.as_str())),
                 };
                 let at = match &d.rendered {
                     Ok(m) => Addressed::find(conn, m.business_id, m.target)?,
@@ -605,6 +663,7 @@ impl Store for SqliteStore {
                 payload: event.payload,
                 received_at: event.received_at,
                 deliveries,
+                business_id: event.business_id,
             }))
         })
         .await
@@ -1137,6 +1196,37 @@ impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
         self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(db_error))
             .await
+    }
+
+    async fn campaign_business(&self, campaign: i64) -> StoreResult<Option<BusinessId>> {
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT business_id FROM market_campaigns WHERE campaign_id = ?1",
+                [campaign],
+                |r| Ok(BusinessId(r.get(0)?)),
+            )
+            .optional()
+            .map_err(db_error)
+        })
+        .await
+    }
+
+    async fn remember_campaign(
+        &self,
+        campaign: i64,
+        business: BusinessId,
+        now: Millis,
+    ) -> StoreResult<()> {
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO market_campaigns (campaign_id, business_id, learnt_at)
+                 VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                params![campaign, business.0, now],
+            )
+            .map(|_| ())
+            .map_err(db_error)
+        })
+        .await
     }
 }
 

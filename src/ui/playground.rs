@@ -253,6 +253,7 @@ fn run_once(
         event_type: parsed.event_type.clone(),
         id: parsed.event_id,
         received_at: crate::clock::to_rfc3339(state.clock.now_ms()),
+        business_id: None,
     };
     results.event_type = parsed.event_type;
     let planned = if template.is_empty() {

@@ -1,15 +1,20 @@
 //! A simulated Market Partner API, close enough to the real one that the
 //! dispatcher cannot tell: the chat methods chatbridge uses on their real
 //! paths (send a message in `send.rs`; find or open the chat of an order or
-//! return, list chats and get one in `chats.rs`), the `Api-Key` check,
+//! return, list chats and get one in `chats.rs`), the business of a
+//! campaign (`campaigns.rs`), the `Api-Key` check,
 //! validation per `chats.openapi.yaml`, the official error body, and per
 //! method its own hourly window with `X-RateLimit-Resource-*` headers
 //! (420 beyond it). The 4-in-flight cap counts every request on
 //! `/businesses/{id}/...` together (also 420). Switches for failures,
 //! latency and scripted answers. It keeps every request it received;
 //! `GET /_fake/messages` and `/_fake/stats` show them to tests and people.
+//! It also plays the Market's notifier (`notifier.rs`): it pushes
+//! notifications to a seller's URL and reports what it was answered.
 
+mod campaigns;
 mod chats;
+pub mod notifier;
 mod send;
 
 use std::collections::{HashMap, VecDeque};
@@ -39,6 +44,10 @@ pub struct FakeConfig {
     pub get_chats_hourly_limit: u32,
     /// `GET .../chat` calls per business per window; 0 = no limit.
     pub get_chat_hourly_limit: u32,
+    /// `GET /v2/campaigns/{id}` calls per campaign per window; 0 = no limit.
+    pub get_campaign_hourly_limit: u32,
+    /// Campaigns the fake knows: campaign id → business id.
+    pub campaigns: std::collections::BTreeMap<String, i64>,
     pub window_secs: u64,
     /// Parallel requests per business; 0 = no cap.
     pub max_in_flight: usize,
@@ -55,6 +64,8 @@ impl Default for FakeConfig {
             chats_new_hourly_limit: 1000,
             get_chats_hourly_limit: 5000,
             get_chat_hourly_limit: 1000,
+            get_campaign_hourly_limit: 5000,
+            campaigns: std::collections::BTreeMap::new(),
             window_secs: 3600,
             max_in_flight: 4,
             failure_rate: 0.0,
@@ -75,6 +86,9 @@ pub enum FakeMethod {
     GetChats,
     #[serde(rename = "getChat")]
     GetChat,
+    /// Its `business_id` in a [`ReceivedRequest`] is the campaign id.
+    #[serde(rename = "getCampaign")]
+    GetCampaign,
 }
 
 impl FakeMethod {
@@ -84,6 +98,7 @@ impl FakeMethod {
             Self::CreateChat => config.chats_new_hourly_limit,
             Self::GetChats => config.get_chats_hourly_limit,
             Self::GetChat => config.get_chat_hourly_limit,
+            Self::GetCampaign => config.get_campaign_hourly_limit,
         }
     }
 }
@@ -212,6 +227,11 @@ impl FakeMarket {
                     "/v2/businesses/{business_id}/chat",
                     web::get().to(chats::get_chat),
                 )
+                .route(
+                    "/v2/campaigns/{campaign_id}",
+                    web::get().to(campaigns::get_campaign),
+                )
+                .route("/_fake/notify", web::post().to(notifier::notify))
                 .route("/_fake/messages", web::get().to(list_messages))
                 .route("/_fake/stats", web::get().to(show_stats))
                 .route("/_fake/script", web::post().to(add_script))
@@ -371,7 +391,11 @@ async fn serve(
         Err(api_error(
             400,
             "BAD_REQUEST",
-            "businessId must be an integer of at least 1",
+            if method == FakeMethod::GetCampaign {
+                "campaignId must be an integer of at least 1"
+            } else {
+                "businessId must be an integer of at least 1"
+            },
         ))
     } else {
         match validate(&req, body) {
@@ -474,6 +498,7 @@ fn respond(
         FakeMethod::CreateChat => Ok(chats::open_chat(state, business, parsed, now_of(state))),
         FakeMethod::GetChats => Ok(chats::list_chats(state, business, parsed)),
         FakeMethod::GetChat => chats::find_chat(state, business, parsed),
+        FakeMethod::GetCampaign => campaigns::find_campaign(state, business),
     }
 }
 
