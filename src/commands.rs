@@ -204,9 +204,6 @@ pub fn check(config_dir: &Path, examples: &Path) -> i32 {
             ));
         }
     }
-    for n in &notes {
-        println!("note: {n}");
-    }
     for w in &warnings {
         println!("warning: {w}");
     }
@@ -225,6 +222,9 @@ pub fn check(config_dir: &Path, examples: &Path) -> i32 {
                 n => format!(", {n} warning(s)"),
             }
         );
+        for n in &notes {
+            println!("note: {n}");
+        }
         0
     } else {
         println!("{} problem(s) found", problems.len());

@@ -156,6 +156,8 @@ fn pointer() -> impl Strategy<Value = String> {
 
 fn source(event_type: String, event_id: Option<String>) -> SourceSettings {
     SourceSettings {
+        kind: Default::default(),
+        allow_from: Vec::new(),
         secret: None,
         token: None,
         insecure: true,

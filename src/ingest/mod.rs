@@ -210,7 +210,7 @@ pub(crate) fn after_commit(
         event_type = %stored.event_type,
         deliveries = stored.deliveries.len(),
         peer = req.peer_addr().map(|p| p.to_string()),
-        "event accepted"
+        "webhook accepted"
     );
     state.wake.notify_one();
 }
