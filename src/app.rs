@@ -77,6 +77,7 @@ impl Application {
         let pipeline = Arc::new(ArcSwap::from_pointee(pipeline));
         let wake = Arc::new(Notify::new());
         let metrics = Arc::new(Metrics::new());
+        let dispatch_status = Arc::new(dispatch::status::DispatchStatus::default());
         let state = web::Data::new(AppState {
             pipeline: pipeline.clone(),
             store: store.clone(),
@@ -84,6 +85,7 @@ impl Application {
             wake: wake.clone(),
             metrics: metrics.clone(),
             refusals: Default::default(),
+            dispatch: dispatch_status.clone(),
             loader,
             reload: ReloadState::new(started_with),
         });
@@ -152,7 +154,14 @@ impl Application {
         let addr = server.addrs()[0];
         let server = server.run();
         let handle = server.handle();
-        let dispatcher = dispatch::spawn(store, pipeline, options.clock, wake, metrics);
+        let dispatcher = dispatch::spawn(
+            store,
+            pipeline,
+            options.clock,
+            wake,
+            metrics,
+            dispatch_status,
+        );
         Ok(Self {
             addr,
             server,

@@ -85,10 +85,13 @@ enum Command {
         #[arg(long)]
         event_id: String,
     },
-    /// Queue, quota and drain estimate per business of a running instance.
+    /// Queue, quota, the Market's pauses and a drain estimate per business of a running instance.
     Queue {
         #[command(flatten)]
         target: TargetArgs,
+        /// The admin API's JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Ask a running instance to reload its configuration.
     Reload {
@@ -106,7 +109,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct TargetArgs {
-    /// The running chatbridge.
+    /// The running chatbridge: http://HOST:PORT (HOST:PORT means http://).
     #[arg(
         long,
         global = true,
@@ -167,11 +170,21 @@ enum DeliveriesAction {
     Show { id: i64 },
     /// Stop a queued or held delivery.
     Cancel { id: i64 },
-    /// Re-render and queue again: one delivery by id, or all failed/dead/cancelled ones matching the filter.
+    /// Re-render and queue again: one delivery by id, or the failed and dead
+    /// ones matching a filter (cancelled ones only with --state cancelled).
+    /// Many are previewed first; --yes queues them. Exits 1 if any still fails.
     Retry {
+        /// One delivery (failed, dead or cancelled): retried at once.
+        #[arg(conflicts_with_all = ["all", "yes"])]
         id: Option<i64>,
         #[command(flatten)]
         filter: FilterArgs,
+        /// Every failed and dead delivery (up to --limit, default 100).
+        #[arg(long)]
+        all: bool,
+        /// Do it; without this, only show what would be retried.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -180,11 +193,27 @@ fn admin_call(target: TargetArgs, run: impl AsyncFnOnce(&admin_cli::Target) -> i
         eprintln!("the admin token is needed: pass --token or set CHATBRIDGE__ADMIN__TOKEN");
         return 2;
     };
-    let target = admin_cli::Target {
-        url: target.url,
-        token,
+    let target = match admin_cli::Target::new(&target.url, token) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
     };
     actix_rt::System::new().block_on(async move { run(&target).await })
+}
+
+/// No filter flag given (`--limit` alone selects nothing).
+fn filter_is_empty(f: &FilterArgs) -> bool {
+    f.state.is_none()
+        && f.business.is_none()
+        && f.chat.is_none()
+        && f.order.is_none()
+        && f.return_id.is_none()
+        && f.route.is_none()
+        && f.source.is_none()
+        && f.since.is_none()
+        && f.until.is_none()
 }
 
 fn main() -> ExitCode {
@@ -223,14 +252,39 @@ fn main() -> ExitCode {
             DeliveriesAction::Show { id } => {
                 admin_call(target, async move |t| admin_cli::show(t, id).await)
             }
-            DeliveriesAction::Retry { id, filter } => admin_call(target, async move |t| {
-                let body = serde_json::json!({
-                    "state": filter.state, "business_id": filter.business, "chat_id": filter.chat,
-                    "order_id": filter.order, "return_id": filter.return_id, "route": filter.route, "source": filter.source, "since": filter.since,
-                    "until": filter.until, "limit": filter.limit,
-                });
-                admin_cli::retry(t, id, body).await
-            }),
+            DeliveriesAction::Retry {
+                id: Some(id),
+                ref filter,
+                ..
+            } if filter_is_empty(filter) && filter.limit.is_none() => {
+                admin_call(target, async move |t| admin_cli::retry_one(t, id).await)
+            }
+            DeliveriesAction::Retry { id: Some(_), .. } => {
+                eprintln!("give a delivery id or a filter, not both");
+                2
+            }
+            DeliveriesAction::Retry {
+                id: None,
+                filter,
+                all,
+                yes,
+            } => {
+                if !all && filter_is_empty(&filter) {
+                    eprintln!(
+                        "say which deliveries to retry: a delivery id, a filter (--state failed|dead|cancelled, --business, --chat, --order, --return, --route, --source, --since, --until) or --all (every failed and dead one; cancelled ones only with --state cancelled)"
+                    );
+                    return ExitCode::from(2);
+                }
+                admin_call(target, async move |t| {
+                    let body = serde_json::json!({
+                        "state": filter.state, "business_id": filter.business, "chat_id": filter.chat,
+                        "order_id": filter.order, "return_id": filter.return_id,
+                        "route": filter.route, "source": filter.source, "since": filter.since,
+                        "until": filter.until, "limit": filter.limit, "all": all,
+                    });
+                    admin_cli::retry_many(t, body, yes).await
+                })
+            }
         },
         Command::Event {
             target,
@@ -239,7 +293,9 @@ fn main() -> ExitCode {
         } => admin_call(target, async move |t| {
             admin_cli::event(t, &source, &event_id).await
         }),
-        Command::Queue { target } => admin_call(target, async |t| admin_cli::queue(t).await),
+        Command::Queue { target, json } => {
+            admin_call(target, async move |t| admin_cli::queue(t, json).await)
+        }
         Command::Reload { target } => admin_call(target, async |t| admin_cli::reload(t).await),
         Command::FakeMarket {
             listen,

@@ -9,6 +9,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::clock::SharedClock;
+use crate::dispatch::status::DispatchStatus;
 use crate::pipeline::Pipeline;
 use crate::settings::Settings;
 use crate::store::Store;
@@ -25,6 +26,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Refused webhooks, logged without letting a flood flood the log.
     pub refusals: RefusalLog,
+    /// What the dispatcher publishes of each business (pause, key, quota).
+    pub dispatch: Arc<DispatchStatus>,
     /// Reads the configuration again for a reload.
     pub loader: SettingsLoader,
     pub reload: ReloadState,

@@ -1,10 +1,20 @@
 //! `/admin`: look into and act on deliveries. Every call needs
 //! `Authorization: Bearer <admin.token>` (compared in constant time); with
 //! no token configured the whole API answers 404, off rather than open.
+//! Handlers take the [`Admin`] extractor, which checks the token once for
+//! all of them and hands over the shared state.
 
 pub mod cli;
+mod queue;
+mod retry;
 
-use actix_web::{web, HttpRequest, HttpResponse, Scope};
+pub(crate) use queue::{queue_overview, BusinessOverview};
+pub(crate) use retry::{retry_by_filter, retry_one, Retried};
+
+use std::future::{ready, Ready};
+use std::ops::Deref;
+
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse, Scope};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -14,20 +24,51 @@ use crate::api_error::ApiError;
 use crate::clock::to_rfc3339;
 use crate::domain::DeliveryState;
 use crate::state::AppState;
-use crate::store::{DeliveryFilter, RenderedMessage};
+use crate::store::DeliveryFilter;
+
+/// The error codes a refused token gets: the CLI and the console tell an
+/// absent token from a wrong one by them.
+pub const TOKEN_MISSING: &str = "token_missing";
+pub const TOKEN_NOT_ACCEPTED: &str = "token_not_accepted";
 
 pub fn scope() -> Scope {
     web::scope("/admin")
         .route("/deliveries", web::get().to(list_deliveries))
-        .route("/deliveries/retry", web::post().to(retry_matching))
+        .route("/deliveries/retry", web::post().to(retry::retry_matching))
         .route("/deliveries/{id}", web::get().to(show_delivery))
-        .route("/deliveries/{id}/retry", web::post().to(retry_delivery))
+        .route(
+            "/deliveries/{id}/retry",
+            web::post().to(retry::retry_delivery),
+        )
         .route("/deliveries/{id}/cancel", web::post().to(cancel_delivery))
         .route("/events/{id}", web::get().to(show_event))
         .route("/events", web::get().to(find_event))
-        .route("/queue", web::get().to(queue))
+        .route("/queue", web::get().to(queue::queue))
         .route("/reload", web::post().to(reload_config))
         .route("/openapi.json", web::get().to(openapi))
+}
+
+/// An authorised admin request: extracting it checks the bearer token, so
+/// a handler that takes it cannot forget to. Derefs to the shared state.
+pub struct Admin(web::Data<AppState>);
+
+impl Deref for Admin {
+    type Target = AppState;
+    fn deref(&self) -> &AppState {
+        &self.0
+    }
+}
+
+impl FromRequest for Admin {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
+            return ready(Err(ApiError::internal("the admin API has no state")));
+        };
+        ready(authorize(&state, req).map(|()| Admin(state)))
+    }
 }
 
 fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
@@ -48,21 +89,24 @@ fn authorize(state: &AppState, req: &HttpRequest) -> Result<(), ApiError> {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(token.expose_secret().as_bytes().ct_eq(presented.as_bytes())) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
+        .filter(|v| !v.is_empty());
+    match presented {
+        None => Err(ApiError::new(
             401,
-            "unauthorized",
-            "send Authorization: Bearer <admin.token>",
-        ))
+            TOKEN_MISSING,
+            "no admin token was sent: send the header Authorization: Bearer <admin.token>",
+        )),
+        Some(p) if bool::from(token.expose_secret().as_bytes().ct_eq(p.as_bytes())) => Ok(()),
+        Some(_) => Err(ApiError::new(
+            401,
+            TOKEN_NOT_ACCEPTED,
+            "the admin token was not accepted: it differs from admin.token (CHATBRIDGE__ADMIN__TOKEN) of this instance",
+        )),
     }
 }
 
 /// The delivery filter as the API takes it (query string or JSON body);
-/// the console parses its form through this too, so both read a filter
-/// the same way.
+/// the console parses its form through this too.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListQuery {
@@ -124,11 +168,9 @@ fn parse_time(field: &str, value: &Option<String>) -> Result<Option<i64>, ApiErr
 }
 
 async fn list_deliveries(
-    state: web::Data<AppState>,
-    req: HttpRequest,
+    state: Admin,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
     let filter = query.to_filter()?;
     let limit = filter.limit;
     let rows = state.store.list_deliveries(filter).await?;
@@ -138,12 +180,7 @@ async fn list_deliveries(
     Ok(HttpResponse::Ok().json(json!({ "deliveries": rows, "next_after": next })))
 }
 
-async fn show_delivery(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    id: web::Path<i64>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
+async fn show_delivery(state: Admin, id: web::Path<i64>) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let (delivery, attempts) = state
         .store
@@ -158,7 +195,7 @@ async fn show_delivery(
     })))
 }
 
-pub(crate) fn event_json(e: &crate::store::StoredEvent) -> Value {
+fn event_json(e: &crate::store::StoredEvent) -> Value {
     json!({
         "id": e.id,
         "source": e.source,
@@ -170,12 +207,7 @@ pub(crate) fn event_json(e: &crate::store::StoredEvent) -> Value {
     })
 }
 
-async fn show_event(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    id: web::Path<i64>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
+async fn show_event(state: Admin, id: web::Path<i64>) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let event = state
         .store
@@ -192,190 +224,7 @@ async fn openapi() -> HttpResponse {
         .body(include_str!("openapi.json"))
 }
 
-/// What an operator's retry did to one delivery.
-#[derive(Debug, serde::Serialize)]
-pub(crate) struct Retried {
-    pub id: i64,
-    pub state: DeliveryState,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub text: Option<String>,
-    /// The current templates render a different text than was stored.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub text_changed: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// Re-renders one delivery with the configuration in force now and queues
-/// it again; a delivery that still does not render stays `failed`.
-pub(crate) async fn retry_one(state: &AppState, id: i64) -> Result<Retried, ApiError> {
-    let (delivery, _) = state
-        .store
-        .delivery(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no delivery {id}")))?;
-    if !delivery.state.is_retryable_by_operator() {
-        return Err(ApiError::new(
-            409,
-            "conflict",
-            format!(
-                "delivery {id} is {}; only failed, dead or cancelled deliveries can be retried",
-                delivery.state
-            ),
-        ));
-    }
-    let event = state
-        .store
-        .event(delivery.event_id)
-        .await?
-        .ok_or_else(|| ApiError::internal(format!("delivery {id} has no event")))?;
-    let pipeline = state.pipeline.load_full();
-    let Some(rendered) = pipeline.render_stored(&event, &delivery.route) else {
-        return Err(ApiError::new(
-            409,
-            "conflict",
-            format!("route {:?} is no longer in routes.toml", delivery.route),
-        ));
-    };
-    let now = state.clock.now_ms();
-    match rendered {
-        Ok(rendered) => {
-            let text = rendered.text.into_string();
-            let text_changed = delivery.text.as_deref() != Some(text.as_str());
-            let message = RenderedMessage {
-                business_id: rendered.business_id,
-                target: rendered.target,
-                text: text.clone(),
-            };
-            state.store.requeue(id, message, now).await?;
-            state.wake.notify_one();
-            tracing::info!(
-                delivery = id,
-                text_changed,
-                "delivery queued again by an operator"
-            );
-            Ok(Retried {
-                id,
-                state: DeliveryState::Queued,
-                text: Some(text),
-                text_changed: Some(text_changed),
-                error: None,
-            })
-        }
-        Err(reason) => {
-            state.store.mark_failed(id, reason.clone(), now).await?;
-            Ok(Retried {
-                id,
-                state: DeliveryState::Failed,
-                text: None,
-                text_changed: None,
-                error: Some(reason),
-            })
-        }
-    }
-}
-
-async fn retry_delivery(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    id: web::Path<i64>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
-    let retried = retry_one(&state, id.into_inner()).await?;
-    Ok(match &retried.error {
-        None => HttpResponse::Ok().json(&retried),
-        Some(reason) => HttpResponse::UnprocessableEntity().json(json!({
-            "error": {"code": "render_failed", "message": reason},
-            "id": retried.id, "state": "failed"
-        })),
-    })
-}
-
-/// `POST /admin/deliveries/retry` with a filter: every failed, dead or
-/// cancelled delivery that matches (at most `limit`, default 100).
-async fn retry_matching(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    body: web::Json<ListQuery>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
-    let outcome = retry_by_filter(&state, body.into_inner(), false).await?;
-    Ok(HttpResponse::Ok().json(json!({
-        "queued": outcome.queued,
-        "still_failing": outcome.deliveries.len() - outcome.queued,
-        "deliveries": outcome.deliveries,
-    })))
-}
-
-/// What a retry by filter did, or with `dry_run` would do.
-pub(crate) struct RetryByFilter {
-    /// Queued again (with `dry_run`: the deliveries that would be tried).
-    pub queued: usize,
-    pub deliveries: Vec<Retried>,
-}
-
-/// Retries every failed, dead or cancelled delivery the filter selects (at
-/// most its `limit`). With `dry_run`, changes nothing and lists what would
-/// be tried, each in its current state: the count an operator confirms.
-pub(crate) async fn retry_by_filter(
-    state: &AppState,
-    query: ListQuery,
-    dry_run: bool,
-) -> Result<RetryByFilter, ApiError> {
-    let mut filter = query.to_filter()?;
-    let states = match filter.state {
-        Some(s) if s.is_retryable_by_operator() => vec![s],
-        Some(s) => {
-            return Err(ApiError::bad_request(format!(
-                "{s} deliveries cannot be retried; filter on failed, dead or cancelled"
-            )))
-        }
-        None => vec![
-            DeliveryState::Failed,
-            DeliveryState::Dead,
-            DeliveryState::Cancelled,
-        ],
-    };
-    let limit = filter.limit;
-    let mut results = Vec::new();
-    for s in states {
-        filter.state = Some(s);
-        filter.limit = limit - results.len();
-        if filter.limit == 0 {
-            break;
-        }
-        for row in state.store.list_deliveries(filter.clone()).await? {
-            if dry_run {
-                results.push(Retried {
-                    id: row.id,
-                    state: row.state,
-                    text: row.text,
-                    text_changed: None,
-                    error: None,
-                });
-                continue;
-            }
-            // One delivery that cannot be retried must not hide the others.
-            results.push(retry_one(state, row.id).await.unwrap_or_else(|e| Retried {
-                id: row.id,
-                state: row.state,
-                text: None,
-                text_changed: None,
-                error: Some(e.message),
-            }));
-        }
-    }
-    Ok(RetryByFilter {
-        queued: results.iter().filter(|r| r.error.is_none()).count(),
-        deliveries: results,
-    })
-}
-
-async fn reload_config(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
+async fn reload_config(state: Admin) -> Result<HttpResponse, ApiError> {
     match crate::reload::reload(&state, "admin API").await {
         Ok(applied) => Ok(HttpResponse::Ok().json(applied)),
         Err(problems) => Ok(HttpResponse::UnprocessableEntity().json(json!({
@@ -386,12 +235,7 @@ async fn reload_config(
     }
 }
 
-async fn cancel_delivery(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    id: web::Path<i64>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
+async fn cancel_delivery(state: Admin, id: web::Path<i64>) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     state.store.cancel(id, state.clock.now_ms()).await?;
     Ok(HttpResponse::Ok().json(json!({"id": id, "state": "cancelled"})))
@@ -405,12 +249,7 @@ struct EventQuery {
 }
 
 /// `GET /admin/events?source=oms&event_id=A-1`: an event by the id its source gave it.
-async fn find_event(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    query: web::Query<EventQuery>,
-) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
+async fn find_event(state: Admin, query: web::Query<EventQuery>) -> Result<HttpResponse, ApiError> {
     let EventQuery { source, event_id } = query.into_inner();
     let event = state
         .store
@@ -420,84 +259,4 @@ async fn find_event(
             ApiError::not_found(format!("no event {event_id:?} from source {source:?}"))
         })?;
     Ok(HttpResponse::Ok().json(event_json(&event)))
-}
-
-/// Per business: what waits, what is stuck, the quota, and how long the
-/// backlog takes to drain at that quota.
-async fn queue(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    authorize(&state, &req)?;
-    let businesses = queue_overview(&state).await?;
-    Ok(HttpResponse::Ok().json(json!({ "businesses": businesses })))
-}
-
-/// One business's line in `GET /admin/queue` and the console's overview.
-#[derive(Debug, serde::Serialize)]
-pub(crate) struct BusinessOverview {
-    pub business_id: i64,
-    pub queued: i64,
-    pub sending: i64,
-    pub held: i64,
-    pub dead: i64,
-    pub failed: i64,
-    pub oldest_queued_at: Option<String>,
-    pub sent_in_window: usize,
-    pub quota_limit: i64,
-    pub quota_window_secs: i64,
-    pub quota_left: i64,
-    pub drain_estimate_secs: i64,
-    /// When the oldest send in the window leaves it (the quota grows by one).
-    #[serde(skip)]
-    pub quota_frees_at: Option<crate::clock::Millis>,
-}
-
-pub(crate) async fn queue_overview(state: &AppState) -> Result<Vec<BusinessOverview>, ApiError> {
-    let now = state.clock.now_ms();
-    let pipeline = state.pipeline.load_full();
-    let mut businesses = Vec::new();
-    for b in state.store.queue_summary().await? {
-        let limits = pipeline
-            .settings
-            .market
-            .limits_for(crate::domain::BusinessId(b.business_id));
-        let window_ms = limits.quota_window.as_millis() as i64;
-        let sent = state
-            .store
-            .calls_since(
-                crate::domain::BusinessId(b.business_id),
-                crate::domain::MarketMethod::SendMessage,
-                now - window_ms,
-            )
-            .await?;
-        let limit = i64::from(limits.hourly_limit);
-        let quota_left = (limit - sent.len() as i64).max(0);
-        let backlog = b.queued + b.held + b.sending;
-        // What the quota left covers goes now; the rest a full window per `limit`.
-        let drain_secs = if backlog <= quota_left {
-            0
-        } else {
-            let windows = (backlog - quota_left + limit - 1) / limit;
-            let first_free = sent
-                .first()
-                .map(|t| t + window_ms - now)
-                .unwrap_or(0)
-                .max(0);
-            (first_free + (windows - 1) * window_ms) / 1000
-        };
-        businesses.push(BusinessOverview {
-            business_id: b.business_id,
-            queued: b.queued,
-            sending: b.sending,
-            held: b.held,
-            dead: b.dead,
-            failed: b.failed,
-            oldest_queued_at: b.oldest_queued_at.map(to_rfc3339),
-            sent_in_window: sent.len(),
-            quota_limit: limit,
-            quota_window_secs: window_ms / 1000,
-            quota_left,
-            drain_estimate_secs: drain_secs,
-            quota_frees_at: sent.first().map(|t| t + window_ms),
-        });
-    }
-    Ok(businesses)
 }

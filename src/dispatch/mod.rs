@@ -31,6 +31,7 @@
 
 pub mod quota;
 pub mod retry;
+pub mod status;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -49,6 +50,7 @@ use crate::store::{Attempt, ClaimLimits, Claimed, Store, StoreError, Verdict};
 use crate::telemetry::Metrics;
 use quota::QuotaLog;
 use retry::{decide, next_attempt, throttled_until, window_surely_over, Decision};
+use status::{publish, DispatchStatus, PauseReason};
 
 /// Real-time cap on any wait, so a stuck clock or a lost wake-up costs at most this.
 const MAX_IDLE: Duration = Duration::from_millis(500);
@@ -81,6 +83,7 @@ struct MethodBudget {
     quota: QuotaLog,
     /// The Market said this method's window is used up (420 or Remaining: 0).
     blocked_until: Millis,
+    blocked_why: Option<PauseReason>,
 }
 
 impl MethodBudget {
@@ -102,6 +105,7 @@ struct Business {
     sends: MethodBudget,
     chat_lookups: MethodBudget,
     held: bool,
+    held_why: Option<String>,
     next_probe_at: Millis,
     /// Conversations (`domain::conversation_key`) answered 403 lately.
     forbidden: Vec<(String, Millis)>,
@@ -122,6 +126,8 @@ struct Shared {
     clock: SharedClock,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    /// What the admin API shows of each business (see `status`).
+    status: Arc<DispatchStatus>,
     client: MarketClient,
     /// The configuration version last seen; a new one re-probes held businesses.
     seen_version: RefCell<String>,
@@ -137,6 +143,7 @@ pub fn spawn(
     clock: SharedClock,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    status: Arc<DispatchStatus>,
 ) -> DispatcherHandle {
     let settings = &pipeline.load().settings;
     let client = MarketClient::new(
@@ -149,6 +156,7 @@ pub fn spawn(
         clock,
         wake,
         metrics,
+        status,
         client,
         seen_version: RefCell::new(pipeline.load().version.clone()),
         businesses: RefCell::default(),
@@ -265,6 +273,7 @@ async fn ensure_business(shared: &Rc<Shared>, business: BusinessId) -> Result<()
         budgets.push(MethodBudget {
             quota: QuotaLog::new(limits.limit_of(method), window_ms, calls),
             blocked_until: 0,
+            blocked_why: None,
         });
     }
     let (Some(chat_lookups), Some(sends)) = (budgets.pop(), budgets.pop()) else {
@@ -280,6 +289,7 @@ async fn ensure_business(shared: &Rc<Shared>, business: BusinessId) -> Result<()
             sends,
             chat_lookups,
             held: false,
+            held_why: None,
             next_probe_at: now,
             forbidden: Vec::new(),
         });
@@ -354,6 +364,7 @@ async fn round(
             .quota_limit
             .with_label_values(&[&label])
             .set(b.sends.quota.limit() as i64);
+        publish(&shared.status, *id, b, now);
     }
 
     let held: Vec<BusinessId> = shared
@@ -637,10 +648,12 @@ async fn send(
                     budget.blocked_until = budget
                         .blocked_until
                         .max(until.unwrap_or(finished + window_ms));
+                    budget.blocked_why = Some(PauseReason::RemainingZero);
                 }
             }
             if let Verdict::Throttled { until } = &verdict {
                 budget.blocked_until = budget.blocked_until.max(*until);
+                budget.blocked_why = Some(PauseReason::Market420);
             }
             if answer.is_some_and(|a| a.status == 403) {
                 b.forbidden
@@ -648,14 +661,16 @@ async fn send(
                 b.forbidden.push((conversation.clone(), finished));
             }
             match &verdict {
-                Verdict::Held { .. } if !b.held => {
+                Verdict::Held { reason } if !b.held => {
                     b.held = true;
+                    b.held_why = Some(reason.clone());
                     b.next_probe_at =
                         finished + (settings.dispatch.held_retry_secs * 1000) as Millis;
                 }
                 Verdict::Delivered | Verdict::ChatFound { .. } if probe => b.held = false,
                 _ => {}
             }
+            publish(&shared.status, claimed.business_id, b, finished);
         }
         verdict
     };

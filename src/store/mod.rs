@@ -366,6 +366,17 @@ pub trait Store: Send + Sync + 'static {
         business: BusinessId,
         now: Millis,
     ) -> StoreResult<()>;
+
+    /// Of a business's queued deliveries: how many wait behind an earlier
+    /// open one of their chat, and how many (of the rest) wait for a later
+    /// retry time. For the admin's queue view; not on the hot path.
+    async fn queue_waits(&self, business: BusinessId, now: Millis) -> StoreResult<QueueWaits>;
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueueWaits {
+    pub behind_chat: i64,
+    pub not_yet_due: i64,
 }
 
 /// The file of a `sqlite://` (or `sqlite:`) `storage.url`.

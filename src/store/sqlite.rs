@@ -1143,6 +1143,29 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn queue_waits(&self, business: BusinessId, now: Millis) -> StoreResult<QueueWaits> {
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT COALESCE(SUM(w.behind), 0), COALESCE(SUM(NOT w.behind AND w.due > ?2), 0)
+                 FROM (SELECT d.next_attempt_at AS due, EXISTS (
+                         SELECT 1 FROM deliveries p INDEXED BY deliveries_chat_open
+                         WHERE p.business_id = d.business_id AND p.chat_id = d.chat_id AND p.id < d.id
+                           AND p.state IN ('queued', 'sending', 'held')) AS behind
+                       FROM deliveries d INDEXED BY deliveries_due
+                       WHERE d.state = 'queued' AND d.business_id = ?1) w",
+                params![business.0, now],
+                |r| {
+                    Ok(QueueWaits {
+                        behind_chat: r.get(0)?,
+                        not_yet_due: r.get(1)?,
+                    })
+                },
+            )
+            .map_err(db_error)
+        })
+        .await
+    }
+
     async fn state_counts(&self) -> StoreResult<Vec<(DeliveryState, i64)>> {
         // One index range per state; `delivered` grows without bound and is
         // left out (count it with chatbridge_deliveries_total).

@@ -64,7 +64,7 @@ pub async fn page(state: web::Data<AppState>, session: Session) -> Result<HttpRe
                 .quota_frees_at
                 .map(show_time)
                 .unwrap_or_else(|| "—".into()),
-            drain: duration(l, b.drain_estimate_secs),
+            drain: duration(l, b.drain_estimate_secs.unwrap_or_default()),
             paused,
             held_reason,
             oldest_queued: b

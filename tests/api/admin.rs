@@ -199,6 +199,10 @@ fn error_code(body: &Value) -> &str {
     })
 }
 
+fn error_message(body: &Value) -> &str {
+    body["error"]["message"].as_str().unwrap_or_default()
+}
+
 fn assert_error(body: &Value, code: &str) {
     assert_eq!(error_code(body), code, "{body}");
     assert!(
@@ -643,9 +647,12 @@ async fn retrying_by_filter_queues_every_match_and_reports_what_still_fails() {
     }
     assert_eq!(app.delivery(other).await["delivery"]["state"], "failed");
 
-    // Without a filter: whatever is failed, dead or cancelled; this one still fails.
-    let (status, answer) = app.admin_post("/admin/deliveries/retry", &json!({})).await;
+    // Every failed and dead one needs "all"; this one still fails.
+    let (status, answer) = app
+        .admin_post("/admin/deliveries/retry", &json!({"all": true}))
+        .await;
     assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["matched"], 1, "{answer}");
     assert_eq!(answer["queued"], 0, "{answer}");
     assert_eq!(answer["still_failing"], 1);
     assert_eq!(answer["deliveries"][0]["id"], other);
@@ -654,6 +661,78 @@ async fn retrying_by_filter_queues_every_match_and_reports_what_still_fails() {
         .as_str()
         .is_some_and(|e| e.contains("tracking.number")));
     assert_eq!(app.market.delivered().len(), 3);
+    app.stop().await;
+}
+
+#[actix_rt::test]
+async fn retrying_many_needs_a_filter_previews_and_leaves_cancelled_ones_unless_named() {
+    let (mut options, clock) = manual(admin_options());
+    options.tweak = Some(Box::new(|s| s.market.hourly_limit = 1));
+    let app = spawn_app_with(options).await;
+    let first = post_one(&app, &sample_as("order_shipped", "R-1", Some(5401))).await;
+    app.wait_for_state(first, "delivered").await;
+    // The quota is used up: this one waits, and an operator cancels it.
+    let cancelled = post_one(&app, &sample_as("order_shipped", "R-2", Some(5402))).await;
+    let (status, _) = app
+        .admin_post(&format!("/admin/deliveries/{cancelled}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let failed = post_one(
+        &app,
+        &json!({"id": "R-3", "type": "note.added", "businessId": 111, "chatId": 5403, "orderId": 1}),
+    )
+    .await;
+    assert_eq!(app.delivery(failed).await["delivery"]["state"], "failed");
+
+    // A bare request names nothing: refused, with what to say instead.
+    let (status, body) = app.admin_post("/admin/deliveries/retry", &json!({})).await;
+    assert_eq!(status, 400, "{body}");
+    assert_error(&body, "bad_request");
+    assert!(error_message(&body).contains("\"all\": true"), "{body}");
+
+    // A dry run counts and shows, and changes nothing.
+    let (status, preview) = app
+        .admin_post(
+            "/admin/deliveries/retry",
+            &json!({"all": true, "dry_run": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{preview}");
+    assert_eq!(preview["dry_run"], true);
+    assert_eq!(preview["matched"], 1, "only the failed one: {preview:#}");
+    assert_eq!(preview["states"], json!(["failed", "dead"]));
+    assert_eq!(preview["sample"][0]["id"], failed);
+    assert_eq!(app.delivery(failed).await["delivery"]["state"], "failed");
+    assert_eq!(
+        app.delivery(cancelled).await["delivery"]["state"],
+        "cancelled"
+    );
+
+    // "all": the failed one is tried again; the cancelled one stays cancelled.
+    let (status, answer) = app
+        .admin_post("/admin/deliveries/retry", &json!({"all": true}))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (answer["matched"].as_i64(), answer["queued"].as_i64()),
+        (Some(1), Some(0)),
+        "{answer:#}"
+    );
+    assert_eq!(answer["still_failing"], 1);
+    assert_eq!(
+        app.delivery(cancelled).await["delivery"]["state"],
+        "cancelled"
+    );
+
+    // Named by state, the cancelled one goes again, in the next window.
+    let (status, answer) = app
+        .admin_post("/admin/deliveries/retry", &json!({"state": "cancelled"}))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["queued"], 1, "{answer:#}");
+    assert_eq!(answer["deliveries"][0]["id"], cancelled);
+    clock.advance(Duration::from_secs(3_601));
+    app.wait_for_state(cancelled, "delivered").await;
     app.stop().await;
 }
 
@@ -776,7 +855,12 @@ async fn the_queue_shows_each_business_with_its_quota_and_drain_estimate() {
         json!({
             "business_id": 111, "queued": 3, "sending": 0, "held": 0, "dead": 1, "failed": 0,
             "oldest_queued_at": to_rfc3339(START),
+            "waiting_for_chat_turn": 0, "waiting_for_retry_time": 0, "waiting_for_pause": 0,
+            "waiting_for_quota": 3,
+            "paused_until": null, "pause_reason": null,
+            "key_refused": false, "key_refused_reason": null,
             "sent_in_window": 2, "quota_limit": 2, "quota_window_secs": 3600, "quota_left": 0,
+            "quota_next_free_at": to_rfc3339(START + 3_600_000),
             // 3 waiting at 2 an hour: two when the window's sends expire (in
             // 3600 s), the last one window later.
             "drain_estimate_secs": 7200,
@@ -794,7 +878,18 @@ async fn the_queue_shows_each_business_with_its_quota_and_drain_estimate() {
         "the refused request counts: {b222}"
     );
     assert_eq!(b222["quota_left"], 1);
-    assert_eq!(b222["drain_estimate_secs"], 0, "the quota left covers it");
+    assert_eq!(b222["key_refused"], true, "{b222}");
+    assert!(
+        b222["key_refused_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("401")),
+        "{b222}"
+    );
+    assert_eq!(
+        b222["drain_estimate_secs"],
+        Value::Null,
+        "nothing drains until the key is fixed"
+    );
 
     // Ten minutes on: the same backlog drains ten minutes sooner.
     clock.advance(Duration::from_secs(600));
@@ -820,10 +915,73 @@ async fn the_queue_shows_each_business_with_its_quota_and_drain_estimate() {
     app.stop().await;
 }
 
+#[actix_rt::test]
+async fn the_queue_shows_a_business_the_market_paused_and_what_waits_behind_a_chat() {
+    let (mut options, clock) = manual(admin_options());
+    // The Market allows 2 an hour; chatbridge's own limit is higher, so the
+    // Market's "Remaining: 0" is what stops it.
+    options.fake.hourly_limit = 2;
+    let app = spawn_app_with(options).await;
+    for n in 1..=2 {
+        let id = post_one(
+            &app,
+            &sample_as("order_shipped", &format!("P-{n}"), Some(5500 + n)),
+        )
+        .await;
+        app.wait_for_state(id, "delivered").await;
+    }
+
+    // Nothing is open, but the quota is used and the Market paused us.
+    let (status, queue) = app.admin_get("/admin/queue").await;
+    assert_eq!(status, 200, "{queue}");
+    let b111 = &queue["businesses"][0];
+    assert_eq!(
+        b111["business_id"], 111,
+        "listed while nothing is open: {queue:#}"
+    );
+    assert_eq!(b111["sent_in_window"], 2, "{b111:#}");
+    assert_eq!(b111["queued"], 0);
+    let first_pause = b111["paused_until"].clone();
+    assert!(first_pause.is_string(), "{b111:#}");
+    assert!(
+        b111["pause_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("Remaining: 0")),
+        "{b111:#}"
+    );
+    assert_eq!(b111["drain_estimate_secs"], 0, "nothing to drain");
+
+    // Two more for one chat: one waits for the pause, one for its chat turn.
+    let third = post_one(&app, &sample_as("order_shipped", "P-3", Some(5503))).await;
+    let fourth = post_one(&app, &sample_as("order_delivered", "P-4", Some(5503))).await;
+    let (_, queue) = app.admin_get("/admin/queue").await;
+    let b111 = &queue["businesses"][0];
+    assert_eq!(b111["queued"], 2, "{b111:#}");
+    assert_eq!(b111["waiting_for_pause"], 1, "{b111:#}");
+    assert_eq!(b111["waiting_for_chat_turn"], 1, "{b111:#}");
+    let estimate = b111["drain_estimate_secs"].as_i64().unwrap();
+    assert!(
+        (3_599..=3_602).contains(&estimate),
+        "the pause (an hour) counts, not 0: {b111:#}"
+    );
+
+    // The pause ends: both go, in order; their two sends use the new
+    // window up, so the pause shown is the next one.
+    clock.advance(Duration::from_secs(3_602));
+    app.wait_for_state(third, "delivered").await;
+    app.wait_for_state(fourth, "delivered").await;
+    let (_, queue) = app.admin_get("/admin/queue").await;
+    let b111 = &queue["businesses"][0];
+    assert_eq!(b111["queued"], 0, "{b111:#}");
+    assert!(b111["paused_until"].is_string(), "{b111:#}");
+    assert_ne!(b111["paused_until"], first_pause, "{b111:#}");
+    app.stop().await;
+}
+
 // ---------------------------------------------------------------- auth
 
 #[actix_rt::test]
-async fn every_admin_call_needs_the_bearer_token() {
+async fn every_admin_call_needs_the_bearer_token_and_a_wrong_one_is_told_from_a_missing_one() {
     let app = spawn_app().await;
     let gets = [
         "/admin/deliveries",
@@ -838,24 +996,26 @@ async fn every_admin_call_needs_the_bearer_token() {
         "/admin/deliveries/1/cancel",
         "/admin/reload",
     ];
-    let wrong = [
-        None,
-        Some("Bearer wrong-token".to_owned()),
-        Some(format!("Bearer {ADMIN_TOKEN}x")),
-        Some(ADMIN_TOKEN.to_owned()),
-        Some(format!("Basic {ADMIN_TOKEN}")),
-        Some("Bearer ".to_owned()),
+    // No bearer token at all (absent, another scheme, empty): "missing";
+    // a bearer token that is not this instance's: "not accepted".
+    let refused = [
+        (None, "token_missing"),
+        (Some(ADMIN_TOKEN.to_owned()), "token_missing"),
+        (Some(format!("Basic {ADMIN_TOKEN}")), "token_missing"),
+        (Some("Bearer ".to_owned()), "token_missing"),
+        (Some("Bearer wrong-token".to_owned()), "token_not_accepted"),
+        (Some(format!("Bearer {ADMIN_TOKEN}x")), "token_not_accepted"),
     ];
-    for auth in &wrong {
+    for (auth, code) in &refused {
         for path in gets {
             let (status, body) = get_as(&app, path, auth.as_deref()).await;
             assert_eq!(status, 401, "GET {path} with {auth:?}: {body}");
-            assert_error(&body, "unauthorized");
+            assert_error(&body, code);
         }
         for path in posts {
             let (status, body) = post_as(&app, path, auth.as_deref()).await;
             assert_eq!(status, 401, "POST {path} with {auth:?}: {body}");
-            assert_error(&body, "unauthorized");
+            assert_error(&body, code);
         }
     }
     let (status, _) = get_as(
@@ -1115,7 +1275,16 @@ async fn the_openapi_document_describes_every_endpoint_and_the_fields_returned()
         .admin_post(&format!("/admin/deliveries/{failed}/retry"), &json!({}))
         .await;
     check_fields(&doc, "RetryRenderFailed", &still);
-    let (_, many) = app.admin_post("/admin/deliveries/retry", &json!({})).await;
+    let (_, preview) = app
+        .admin_post(
+            "/admin/deliveries/retry",
+            &json!({"all": true, "dry_run": true}),
+        )
+        .await;
+    check_fields(&doc, "RetryPreview", &preview);
+    let (_, many) = app
+        .admin_post("/admin/deliveries/retry", &json!({"all": true}))
+        .await;
     check_fields(&doc, "RetryMatchingResult", &many);
     check_fields(&doc, "Retried", &many["deliveries"][0]);
     let (_, applied) = app.admin_post("/admin/reload", &json!({})).await;

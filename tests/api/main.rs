@@ -2,6 +2,7 @@
 //! over real HTTP on loopback.
 
 mod admin;
+mod admin_cli;
 mod config_errors;
 mod crash;
 mod delivery;
