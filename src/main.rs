@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use chatbridge::admin::cli as admin_cli;
 use chatbridge::commands;
-use chatbridge::market::fake::FakeConfig;
+use chatbridge::market::fake::{FakeConfig, FakeConfigPatch};
 
 #[derive(Parser)]
 #[command(
@@ -307,16 +307,22 @@ fn main() -> ExitCode {
             failure_rate,
             latency_ms,
         } => {
-            let config = FakeConfig {
-                api_keys,
-                hourly_limit,
-                chats_new_hourly_limit,
-                window_secs,
-                max_in_flight,
-                failure_rate,
-                latency_ms,
-                ..FakeConfig::default()
-            };
+            let mut config = FakeConfig::default();
+            let checked = FakeConfigPatch {
+                api_keys: Some(api_keys),
+                hourly_limit: Some(hourly_limit),
+                chats_new_hourly_limit: Some(chats_new_hourly_limit),
+                window_secs: Some(window_secs),
+                max_in_flight: Some(max_in_flight),
+                failure_rate: Some(failure_rate),
+                latency_ms: Some(latency_ms),
+                ..FakeConfigPatch::default()
+            }
+            .apply(&mut config);
+            if let Err(problems) = checked {
+                problems.iter().for_each(|p| eprintln!("fake-market: {p}"));
+                return ExitCode::from(2);
+            }
             actix_rt::System::new().block_on(commands::fake_market(&listen, config))
         }
     };

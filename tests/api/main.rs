@@ -7,6 +7,7 @@ mod config_errors;
 mod crash;
 mod delivery;
 mod dispatch;
+mod fake_market;
 mod helpers;
 mod hostile;
 mod ingest;

@@ -9,6 +9,8 @@
 //! `/businesses/{id}/...` together (also 420). Switches for failures,
 //! latency and scripted answers. It keeps every request it received;
 //! `GET /_fake/messages` and `/_fake/stats` show them to tests and people.
+//! `GET /_fake/config` shows the switches and `POST /_fake/config` changes
+//! the ones given.
 //! It also plays the Market's notifier (`notifier.rs`): it pushes
 //! notifications to a seller's URL and reports what it was answered.
 
@@ -236,6 +238,7 @@ impl FakeMarket {
                 .route("/_fake/stats", web::get().to(show_stats))
                 .route("/_fake/script", web::post().to(add_script))
                 .route("/_fake/config", web::post().to(set_config))
+                .route("/_fake/config", web::get().to(show_config))
         })
         .workers(1)
         .disable_signals()
@@ -569,7 +572,113 @@ async fn add_script(
     HttpResponse::NoContent().finish()
 }
 
-async fn set_config(state: web::Data<FakeState>, config: web::Json<FakeConfig>) -> HttpResponse {
-    *lock(&state.config) = config.into_inner();
-    HttpResponse::NoContent().finish()
+/// `POST /_fake/config`: the fields given change, the others keep their
+/// value; an unknown field or an impossible value is refused whole (400,
+/// naming it), so a typo never silently resets the fake.
+async fn set_config(state: web::Data<FakeState>, body: web::Bytes) -> HttpResponse {
+    let patch: FakeConfigPatch = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return config_refused(format!("invalid /_fake/config body: {e}")),
+    };
+    let mut config = lock(&state.config);
+    let mut changed = config.clone();
+    if let Err(problems) = patch.apply(&mut changed) {
+        return config_refused(problems.join("; "));
+    }
+    *config = changed;
+    HttpResponse::Ok().json(&*config)
+}
+
+async fn show_config(state: web::Data<FakeState>) -> HttpResponse {
+    HttpResponse::Ok().json(&*lock(&state.config))
+}
+
+fn config_refused(message: String) -> HttpResponse {
+    HttpResponse::BadRequest().json(json!({
+        "error": {"code": "bad_request", "message": message}
+    }))
+}
+
+/// A change to [`FakeConfig`]: absent fields stay as they are.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FakeConfigPatch {
+    pub api_keys: Option<Vec<String>>,
+    pub hourly_limit: Option<u32>,
+    pub chats_new_hourly_limit: Option<u32>,
+    pub get_chats_hourly_limit: Option<u32>,
+    pub get_chat_hourly_limit: Option<u32>,
+    pub get_campaign_hourly_limit: Option<u32>,
+    pub campaigns: Option<std::collections::BTreeMap<String, i64>>,
+    pub window_secs: Option<u64>,
+    pub max_in_flight: Option<usize>,
+    pub failure_rate: Option<f64>,
+    pub latency_ms: Option<u64>,
+}
+
+/// Longest latency the fake will inject: beyond it a test hangs rather than tests.
+const MAX_LATENCY_MS: u64 = 600_000;
+
+impl FakeConfigPatch {
+    /// Applies every field or, if any is impossible, none (the problems named).
+    pub fn apply(self, config: &mut FakeConfig) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if let Some(rate) = self.failure_rate {
+            if !(0.0..=1.0).contains(&rate) {
+                problems.push(format!(
+                    "failure_rate must be a share from 0.0 to 1.0, got {rate}"
+                ));
+            }
+        }
+        if self.window_secs == Some(0) {
+            problems.push("window_secs must be at least 1".to_owned());
+        }
+        if let Some(ms) = self.latency_ms.filter(|&ms| ms > MAX_LATENCY_MS) {
+            problems.push(format!(
+                "latency_ms must be at most {MAX_LATENCY_MS}, got {ms}"
+            ));
+        }
+        if let Some(keys) = &self.api_keys {
+            if keys.iter().any(|k| k.is_empty()) {
+                problems.push("api_keys must not contain an empty key".to_owned());
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        if let Some(v) = self.api_keys {
+            config.api_keys = v;
+        }
+        if let Some(v) = self.hourly_limit {
+            config.hourly_limit = v;
+        }
+        if let Some(v) = self.chats_new_hourly_limit {
+            config.chats_new_hourly_limit = v;
+        }
+        if let Some(v) = self.get_chats_hourly_limit {
+            config.get_chats_hourly_limit = v;
+        }
+        if let Some(v) = self.get_chat_hourly_limit {
+            config.get_chat_hourly_limit = v;
+        }
+        if let Some(v) = self.get_campaign_hourly_limit {
+            config.get_campaign_hourly_limit = v;
+        }
+        if let Some(v) = self.campaigns {
+            config.campaigns = v;
+        }
+        if let Some(v) = self.window_secs {
+            config.window_secs = v;
+        }
+        if let Some(v) = self.max_in_flight {
+            config.max_in_flight = v;
+        }
+        if let Some(v) = self.failure_rate {
+            config.failure_rate = v;
+        }
+        if let Some(v) = self.latency_ms {
+            config.latency_ms = v;
+        }
+        Ok(())
+    }
 }
