@@ -613,3 +613,110 @@ async fn run_demo(config_dir: &Path, examples: &Path) -> anyhow::Result<i32> {
     market.stop().await;
     Ok(if delivered.len() == expected { 0 } else { 1 })
 }
+
+/// `chatbridge sign`: the Standard Webhooks headers a sender puts on
+/// `body` (the exact bytes it will POST), signed with the source's secret,
+/// one `name: value` line each, ready for `curl -H @file`.
+pub fn sign(secret: &str, id: Option<String>, timestamp: Option<i64>, body_file: &Path) -> i32 {
+    let body = if body_file == Path::new("-") {
+        let mut buf = Vec::new();
+        match std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf) {
+            Ok(_) => buf,
+            Err(e) => {
+                eprintln!("cannot read the body from stdin: {e}");
+                return 1;
+            }
+        }
+    } else {
+        match std::fs::read(body_file) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("cannot read {}: {e}", body_file.display());
+                return 1;
+            }
+        }
+    };
+    let id = id.unwrap_or_else(|| format!("msg_{:016x}", rand::random::<u64>()));
+    let timestamp = timestamp.unwrap_or_else(|| SystemClock.now_ms() / 1000);
+    match crate::ingest::signature::sign(secret, &id, timestamp, &body) {
+        Ok(signature) => {
+            println!("webhook-id: {id}");
+            println!("webhook-timestamp: {timestamp}");
+            println!("webhook-signature: {signature}");
+            0
+        }
+        Err(e) => {
+            eprintln!("--secret: {e}");
+            2
+        }
+    }
+}
+
+/// `chatbridge backup --to FILE`: a consistent copy of the SQLite database
+/// while the service runs (`VACUUM INTO` reads one snapshot, so writes may
+/// go on; the copy is compact and holds no WAL), checked before it is
+/// called done.
+pub fn backup(config_dir: &Path, to: &Path) -> i32 {
+    match run_backup(config_dir, to) {
+        Ok(size) => {
+            println!("backed up to {} ({size} bytes)", to.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("backup failed: {e}");
+            1
+        }
+    }
+}
+
+fn run_backup(config_dir: &Path, to: &Path) -> Result<u64, String> {
+    let settings = Settings::load(config_dir).map_err(|e| e.to_string())?;
+    let url = &settings.storage.url;
+    let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
+        return Err(format!(
+            "storage.url {url:?} is not a SQLite database; only sqlite:// can be backed up with this command"
+        ));
+    };
+    if !Path::new(path).exists() {
+        return Err(format!(
+            "no database at {path} (storage.url in {}); run from the folder chatbridge serve runs in, or pass --config",
+            settings.settings_file().display()
+        ));
+    }
+    if to.exists() {
+        return Err(format!(
+            "{} exists; give a new file (a backup never overwrites)",
+            to.display()
+        ));
+    }
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| format!("cannot open {path}: {e}"))?;
+    conn.busy_timeout(Duration::from_secs(30))
+        .map_err(|e| e.to_string())?;
+    let target = to
+        .to_str()
+        .ok_or_else(|| format!("{}: the path must be UTF-8", to.display()))?;
+    conn.execute("VACUUM INTO ?1", [target])
+        .map_err(|e| format!("copying {path} to {}: {e}", to.display()))?;
+    let copy =
+        rusqlite::Connection::open_with_flags(target, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| format!("cannot open the copy {}: {e}", to.display()))?;
+    let check: String = copy
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| format!("checking the copy {}: {e}", to.display()))?;
+    if check != "ok" {
+        return Err(format!(
+            "the copy {} fails its check: {check}",
+            to.display()
+        ));
+    }
+    std::fs::metadata(to)
+        .map(|m| m.len())
+        .map_err(|e| e.to_string())
+}

@@ -98,6 +98,28 @@ enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// Print the Standard Webhooks headers for a body, as a sender signs it.
+    Sign {
+        /// The source's secret (sources.<name>.secret), whsec_...
+        #[arg(long, env = "CHATBRIDGE_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: String,
+        /// webhook-id (default: a random msg_...). Use a new one per event.
+        #[arg(long)]
+        id: Option<String>,
+        /// webhook-timestamp, Unix seconds (default: now).
+        #[arg(long)]
+        timestamp: Option<i64>,
+        /// The exact body that will be POSTed; - reads stdin.
+        file: PathBuf,
+    },
+    /// Copy the SQLite database consistently while the service runs.
+    Backup {
+        #[arg(long, default_value = "config")]
+        config: PathBuf,
+        /// The new file to write (never overwritten).
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// The bridge and the fake Market in one process: post the samples, print what buyers get.
     Demo {
         #[arg(long, default_value = "config")]
@@ -225,6 +247,13 @@ fn main() -> ExitCode {
             event,
             config,
         } => commands::render(&config, &source, &event),
+        Command::Sign {
+            secret,
+            id,
+            timestamp,
+            file,
+        } => commands::sign(&secret, id, timestamp, &file),
+        Command::Backup { config, to } => commands::backup(&config, &to),
         Command::Serve { config } => actix_rt::System::new().block_on(commands::serve(&config)),
         Command::Demo { config, examples } => {
             actix_rt::System::new().block_on(commands::demo(&config, &examples))

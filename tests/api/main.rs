@@ -11,6 +11,7 @@ mod fake_market;
 mod helpers;
 mod hostile;
 mod ingest;
+mod newcomer;
 mod notifications;
 mod openapi;
 mod operations;
