@@ -104,8 +104,8 @@ fn explain(target: &Target, answer: &Answer) -> String {
         .filter(|b| b["error"]["code"].is_string())
     else {
         return format!(
-            "{} does not look like a chatbridge admin API (HTTP {status} without chatbridge's JSON error); check --url (CHATBRIDGE_URL): it should be the address chatbridge serve listens on (server.listen)",
-            answer.url
+            "{} does not look like a chatbridge admin API ({} answered HTTP {status} without chatbridge's JSON error); check --url (CHATBRIDGE_URL): it should be the address chatbridge serve listens on (server.listen)",
+            target.url, answer.url
         );
     };
     let code = body["error"]["code"].as_str().unwrap_or_default();
@@ -229,9 +229,13 @@ pub async fn retry_many(target: &Target, mut filter: Value, yes: bool) -> i32 {
                 s.iter()
                     .filter_map(Value::as_str)
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(" or ")
             })
             .unwrap_or_default();
+        if matched == 0 {
+            println!("no {states} delivery matches; nothing to retry");
+            return;
+        }
         if !yes {
             println!("would retry {matched} deliver(y/ies) in state {states}{more}:");
             print_rows(
