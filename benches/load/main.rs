@@ -1,0 +1,285 @@
+//! Load benchmark: `cargo bench --bench load` (add `-- --quick`, or set
+//! `BENCH_QUICK=1`, for a run of about a minute).
+//!
+//! It runs the release binary (`chatbridge serve` and `chatbridge
+//! fake-market`, a copy made at the start so a rebuild meanwhile cannot
+//! swap it) as child processes on 127.0.0.1, so the memory figures are the
+//! service's own, and drives them from this process:
+//!
+//! - disk: 4 KiB appended and fdatasync'd, in the stores' folder, at the
+//!   start, just before the ingest and at the end (it moves under other
+//!   loads, and every commit waits for it);
+//! - render: routes + templates rendered per second on one core, in process;
+//! - ingest: signed webhooks over 64 keep-alive connections with the
+//!   dispatcher paused (`market.hourly_limit = 1`): the way in alone;
+//!   rate, latency percentiles, CPU per webhook, peak RSS;
+//! - delivery: the service restarted on that backlog with its limits off
+//!   (and the fake Market's off too): the dispatcher alone, for a bounded
+//!   time; then, on a fresh store and fake Market, webhooks in while the
+//!   dispatcher delivers, until every accepted message has arrived, and
+//!   the count check: accepted = delivered at the fake Market = delivered
+//!   in the store, one attempt each (nothing lost, nothing doubled), or
+//!   the benchmark exits 1;
+//! - queue size: stores seeded by a bulk insert with 1,000 and 1,000,000
+//!   queued deliveries (50 businesses × 1,000 chats): `Store::claim` + a
+//!   send + `Store::record` on each (alternating, in process), the
+//!   service's time from start to its first delivery on each, and its
+//!   memory, ingest and `/metrics` while it works with 1M queued.
+//!
+//! Environment: `BENCH_QUICK=1`; `BENCH_DIR=path` puts the stores there
+//! (default: the system temp dir); `BENCH_KEEP=1` keeps them (and the
+//! service logs); `BENCH_BIN=path` runs another build of the binary (to
+//! compare a change); `BENCH_STRICT=1` exits 1 when a target is missed too;
+//! `BENCH_ONLY=disk,render,load,queue` runs only the steps named.
+//! Every loop is bounded in count and time; every address is 127.0.0.1;
+//! the child processes die with this one.
+//!
+//! Files: one per phase (`disk_render.rs`, `ingest_delivery.rs`,
+//! `queue.rs`) and what they share: `report.rs` (the plan and the table),
+//! `procs.rs` (child processes), `http.rs` (a raw HTTP client), `drive.rs`
+//! (webhooks over many connections). This file runs the phases in order.
+// The modules share one namespace through `use super::*`: they were one
+// file, and a phase reads best with its helpers at hand.
+
+pub(crate) use std::cell::{Cell, RefCell};
+pub(crate) use std::collections::BTreeMap;
+pub(crate) use std::fs::File;
+pub(crate) use std::io::{Read, Write};
+pub(crate) use std::net::{SocketAddr, TcpListener, TcpStream};
+pub(crate) use std::path::{Path, PathBuf};
+pub(crate) use std::process::{Child, Command, ExitCode, Stdio};
+pub(crate) use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub(crate) use chatbridge::clock::to_rfc3339;
+pub(crate) use chatbridge::domain::BusinessId;
+pub(crate) use chatbridge::pipeline::Pipeline;
+pub(crate) use chatbridge::render::{event_context, EventMeta};
+pub(crate) use chatbridge::store::{Attempt, SqliteStore, Store, Verdict};
+pub(crate) use serde_json::Value;
+pub(crate) use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod disk_render;
+mod drive;
+mod http;
+mod ingest_delivery;
+mod procs;
+mod queue;
+mod report;
+use disk_render::*;
+use drive::*;
+use http::*;
+use ingest_delivery::*;
+use procs::*;
+use queue::*;
+use report::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_chatbridge");
+/// The copy of `BIN` this run uses, so a rebuild meanwhile cannot swap it.
+static BIN_COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn bin() -> &'static Path {
+    BIN_COPY
+        .get()
+        .map(PathBuf::as_path)
+        .unwrap_or(Path::new(BIN))
+}
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// The shipped demo secret of source `oms` (config/chatbridge.toml).
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const API_KEY: &str = "bench-api-key";
+const FIRST_BUSINESS: i64 = 1001;
+const BUSINESSES: i64 = 50;
+const CHATS_PER_BUSINESS: i64 = 1000;
+const CONNECTIONS: usize = 64;
+/// Quota that never binds (the setting must be at least 1).
+const NO_LIMIT: &str = "1000000000";
+
+/// The commit the source is at, and whether the tree differs from it.
+fn source_revision() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(ROOT)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(rev) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no", "--", "src"])
+                .is_some_and(|s| !s.is_empty());
+            format!(
+                "{rev}{}",
+                if dirty {
+                    " + uncommitted changes in src/"
+                } else {
+                    ""
+                }
+            )
+        }
+        None => "unknown".into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick")
+        || std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    let strict = std::env::var("BENCH_STRICT").is_ok_and(|v| !v.is_empty() && v != "0");
+    let plan = Plan::new(quick);
+    STOP_GRACE_SECS.store(
+        if quick { 5 } else { 15 },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let base = std::env::var_os("BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    if let Err(e) = std::fs::create_dir_all(&base) {
+        eprintln!("cannot create {}: {e}", base.display());
+        return ExitCode::FAILURE;
+    }
+    let tmp = match tempfile::Builder::new()
+        .prefix("chatbridge-bench-")
+        .tempdir_in(&base)
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("cannot create a folder in {}: {e}", base.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let dir = tmp.path().to_path_buf();
+    let sample_path = Path::new(ROOT).join("examples/events/oms/order_shipped.json");
+    let sample_body = std::fs::read_to_string(&sample_path).expect("the shipped sample event");
+    let sample: Value = serde_json::from_str(&sample_body).expect("the sample event is JSON");
+
+    let started = Instant::now();
+    let mut report = Report::default();
+    let binary = std::env::var("BENCH_BIN").unwrap_or_else(|_| BIN.to_owned());
+    let copy = dir.join("chatbridge");
+    if let Err(e) = std::fs::copy(&binary, &copy) {
+        eprintln!("cannot copy {binary} to {}: {e}", copy.display());
+        return ExitCode::FAILURE;
+    }
+    let _ = BIN_COPY.set(copy);
+    log(format!("binary {binary}; stores in {}", dir.display()));
+
+    let mut peak_load = None;
+    let mut peak_big = None;
+    type Step<'a> = Box<dyn FnOnce(&mut Report) -> Result<(), String> + 'a>;
+    let steps: Vec<(&str, Step)> = vec![
+        (
+            "disk",
+            Box::new(|r| fsync_latency(r, &dir, plan.fsync_writes, "at start")),
+        ),
+        (
+            "render",
+            Box::new(|r| render_rate(r, &sample, plan.render_secs)),
+        ),
+        (
+            "load",
+            Box::new(|r| {
+                peak_load = Some(load_phases(r, &plan, &dir, &sample)?);
+                Ok(())
+            }),
+        ),
+        (
+            "queue",
+            Box::new(|r| {
+                peak_big = Some(queue_phases(r, &plan, &dir, &sample, &sample_body)?);
+                Ok(())
+            }),
+        ),
+        (
+            "disk",
+            Box::new(|r| fsync_latency(r, &dir, plan.fsync_writes, "at end")),
+        ),
+    ];
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    for (name, step) in steps {
+        if !only.is_empty() && !only.split(',').any(|o| o.trim() == name) {
+            continue;
+        }
+        log(format!(
+            "{name} ({:.0} s so far)",
+            started.elapsed().as_secs_f64()
+        ));
+        if let Err(e) = step(&mut report) {
+            report.fail(format!("{name}: {e}"));
+        }
+    }
+    if let Some(kib) = peak_load {
+        report.target(
+            "memory (the service's own, /proc/<pid>/status)",
+            "peak RSS (VmHWM) during load: ingest, drain, end to end",
+            mib(kib),
+            "≤ 50 MB",
+            kib <= 50 * 1024,
+        );
+    }
+    if let Some(kib) = peak_big {
+        report.target(
+            "memory (the service's own, /proc/<pid>/status)",
+            "peak RSS (VmHWM) with 1M queued",
+            mib(kib),
+            "≤ 100 MB",
+            kib <= 100 * 1024,
+        );
+    }
+
+    println!(
+        "\nchatbridge load benchmark{} — {} cores, {:.0} s",
+        if quick { " (quick)" } else { "" },
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "command: cargo bench --bench load{}",
+        if quick { " -- --quick" } else { "" }
+    );
+    if std::env::var_os("BENCH_BIN").is_some() {
+        println!("binary:  {binary}  (BENCH_BIN: not necessarily built from this tree)");
+    } else {
+        println!("binary:  {binary}  (source {})", source_revision());
+    }
+    println!("stores:  {}", dir.display());
+    println!(
+        "load average before / after: {} / {}  (the figures are only as quiet as the machine)",
+        load_before
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    report.print();
+    let missed: Vec<&Row> = report.rows.iter().filter(|r| r.ok == Some(false)).collect();
+    println!();
+    for f in &report.failures {
+        println!("FAILED: {f}");
+    }
+    println!(
+        "{} target(s) met, {} missed; {} failure(s)",
+        report.rows.iter().filter(|r| r.ok == Some(true)).count(),
+        missed.len(),
+        report.failures.len()
+    );
+    if std::env::var("BENCH_KEEP").is_ok_and(|v| !v.is_empty() && v != "0") {
+        let kept = tmp.keep();
+        println!("kept {}", kept.display());
+    }
+    if !report.failures.is_empty() || (strict && !missed.is_empty()) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
