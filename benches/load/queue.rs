@@ -169,19 +169,33 @@ pub(crate) async fn claim_send_record(
     let now = now_ms();
     let t1 = Instant::now();
     let claimed = store
-        .claim(business, now, now + 60_000, 1, false)
+        .claim(
+            business,
+            now,
+            now + 60_000,
+            ClaimLimits {
+                sends: 1,
+                chat_lookups: 0,
+                total: 1,
+            },
+            false,
+        )
         .await
         .map_err(|e| e.to_string())?;
     let t2 = Instant::now();
     let Some(c) = claimed.into_iter().next() else {
         return Err(format!("nothing to claim for business {}", business.0));
     };
+    // The seeded deliveries all name their chat.
+    let Some(chat) = c.chat_id else {
+        return Err(format!("delivery {} has no chat id", c.id));
+    };
     let body = serde_json::to_vec(&serde_json::json!({ "message": c.text })).unwrap();
     let mut req = format!(
         "POST /v2/businesses/{}/chats/message?chatId={} HTTP/1.1\r\nHost: {market}\r\n\
          Api-Key: {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         c.business_id.0,
-        c.chat_id.0,
+        chat.0,
         body.len()
     )
     .into_bytes();
@@ -199,6 +213,7 @@ pub(crate) async fn claim_send_record(
             Attempt {
                 delivery_id: c.id,
                 business_id: c.business_id,
+                method: MarketMethod::SendMessage,
                 started_at: now,
                 finished_at: finished,
                 latency_ms: (t3 - t2).as_millis() as i64,
