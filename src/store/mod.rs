@@ -368,7 +368,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
 
     /// Of a business's queued deliveries: how many wait behind an earlier
-    /// open one of their chat, and how many (of the rest) wait for a later
+    /// open one of their conversation (their chat, or the order or return
+    /// whose chat is still to be found), and how many (of the rest) wait for a later
     /// retry time. For the admin's queue view; not on the hot path.
     async fn queue_waits(&self, business: BusinessId, now: Millis) -> StoreResult<QueueWaits>;
 }

@@ -1148,8 +1148,8 @@ impl Store for SqliteStore {
             conn.query_row(
                 "SELECT COALESCE(SUM(w.behind), 0), COALESCE(SUM(NOT w.behind AND w.due > ?2), 0)
                  FROM (SELECT d.next_attempt_at AS due, EXISTS (
-                         SELECT 1 FROM deliveries p INDEXED BY deliveries_chat_open
-                         WHERE p.business_id = d.business_id AND p.chat_id = d.chat_id AND p.id < d.id
+                         SELECT 1 FROM deliveries p INDEXED BY deliveries_conversation_open
+                         WHERE p.business_id = d.business_id AND p.conversation = d.conversation AND p.id < d.id
                            AND p.state IN ('queued', 'sending', 'held')) AS behind
                        FROM deliveries d INDEXED BY deliveries_due
                        WHERE d.state = 'queued' AND d.business_id = ?1) w",
