@@ -170,16 +170,7 @@ impl MarketClient {
             .insert_header((HEADER_API_KEY, api_key.expose_secret()))
             .send_json(&body)
             .await;
-        let mut response = match sent {
-            Ok(r) => r,
-            Err(awc::error::SendRequestError::Timeout) => {
-                return Err(TransportError::Timeout(self.timeout))
-            }
-            Err(awc::error::SendRequestError::Connect(e)) => {
-                return Err(TransportError::Connect(e.to_string()))
-            }
-            Err(e) => return Err(TransportError::Other(e.to_string())),
-        };
+        let mut response = sent.map_err(|e| self.transport_error(e))?;
         let header = |name: &str| {
             response
                 .headers()
