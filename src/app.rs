@@ -53,10 +53,12 @@ impl Application {
     pub fn build(pipeline: Pipeline, options: BuildOptions) -> anyhow::Result<Self> {
         let settings = &pipeline.settings;
         // Before the store opens: a second process must not even migrate.
+        // (None for PostgreSQL: any number of processes share it.)
+        let url = crate::store::redact_url(&settings.storage.url);
         let serve_lock = crate::store::lock_for_serving(&settings.storage.url)
-            .map_err(|e| anyhow::anyhow!("storage.url {:?}: {e}", settings.storage.url))?;
-        let store = crate::store::open(&settings.storage.url)
-            .map_err(|e| anyhow::anyhow!("storage.url {:?}: {e}", settings.storage.url))?;
+            .map_err(|e| anyhow::anyhow!("storage.url {url:?}: {e}"))?;
+        let store = crate::store::open(&settings.storage)
+            .map_err(|e| anyhow::anyhow!("storage.url {url:?}: {e}"))?;
         let listen = settings.server.listen.clone();
         let workers = match settings.server.workers {
             0 => std::thread::available_parallelism()

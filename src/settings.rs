@@ -175,13 +175,30 @@ impl Default for ServerSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSettings {
+    /// `sqlite://path/to/file.db` or `postgres://user:password@host:port/db`
+    /// (a secret: it may carry a password; see `store::redact_url`).
     pub url: String,
     /// Finished events (and their deliveries and attempts) are deleted
     /// after this many days; until then a repeated event id is a duplicate.
     pub retention_days: u64,
+    /// PostgreSQL: connections this process keeps open at most.
+    pub pool_size: usize,
+    /// PostgreSQL: how long to wait to connect, or for a free connection.
+    pub connect_timeout_secs: u64,
+}
+
+impl std::fmt::Debug for StorageSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageSettings")
+            .field("url", &crate::store::redact_url(&self.url))
+            .field("retention_days", &self.retention_days)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .finish()
+    }
 }
 
 impl Default for StorageSettings {
@@ -189,6 +206,8 @@ impl Default for StorageSettings {
         Self {
             url: "sqlite://data/chatbridge.db".into(),
             retention_days: 30,
+            pool_size: 16,
+            connect_timeout_secs: 5,
         }
     }
 }
@@ -637,11 +656,17 @@ impl Settings {
                 self.dispatch.lease_secs, self.market.request_timeout_secs
             ));
         }
-        if !self.storage.url.starts_with("sqlite:") {
+        if !self.storage.url.starts_with("sqlite:") && !crate::store::is_postgres(&self.storage.url)
+        {
             out.push(format!(
-                "storage.url {:?} is not supported: write sqlite://path/to/file.db",
-                self.storage.url
+                "storage.url {:?} is not supported: write sqlite://path/to/file.db or postgres://user@host:port/database",
+                crate::store::redact_url(&self.storage.url)
             ));
+        }
+        if self.storage.pool_size == 0 || self.storage.connect_timeout_secs == 0 {
+            out.push(
+                "storage.pool_size and storage.connect_timeout_secs must each be at least 1".into(),
+            );
         }
         if !(self.market.base_url.starts_with("http://")
             || self.market.base_url.starts_with("https://"))

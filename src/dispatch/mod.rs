@@ -34,7 +34,7 @@ pub mod retry;
 pub mod status;
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +46,7 @@ use crate::clock::{to_rfc3339, Millis, SharedClock};
 use crate::domain::{conversation_key, BusinessId, MarketMethod};
 use crate::market::client::{MarketAnswer, MarketClient, TransportError};
 use crate::pipeline::Pipeline;
-use crate::store::{Attempt, ClaimLimits, Claimed, Store, StoreError, Verdict};
+use crate::store::{Attempt, ClaimLimits, Claimed, SharedCaps, Store, StoreError, Verdict};
 use crate::telemetry::Metrics;
 use quota::QuotaLog;
 use retry::{decide, next_attempt, throttled_until, window_surely_over, Decision};
@@ -132,7 +132,8 @@ struct Shared {
     /// The configuration version last seen; a new one re-probes held businesses.
     seen_version: RefCell<String>,
     businesses: RefCell<HashMap<BusinessId, Business>>,
-    in_flight: RefCell<HashSet<i64>>,
+    /// Deliveries being sent by this process: id → claim token.
+    in_flight: RefCell<HashMap<i64, i64>>,
     idle: Notify,
 }
 
@@ -234,7 +235,12 @@ async fn drain(shared: &Rc<Shared>) {
         }
     })
     .await;
-    let left: Vec<i64> = shared.in_flight.borrow().iter().copied().collect();
+    let left: Vec<(i64, i64)> = shared
+        .in_flight
+        .borrow()
+        .iter()
+        .map(|(id, token)| (*id, *token))
+        .collect();
     if finished.is_err() && !left.is_empty() {
         tracing::warn!(
             count = left.len(),
@@ -330,7 +336,7 @@ async fn round(
     let dispatch = &pipeline.settings.dispatch;
     let lease_ms = (dispatch.lease_secs * 1000) as Millis;
     if now >= *next_reclaim {
-        let ours: Vec<i64> = shared.in_flight.borrow().iter().copied().collect();
+        let ours: Vec<i64> = shared.in_flight.borrow().keys().copied().collect();
         let reclaimed = shared.store.reclaim_expired(now, ours).await?;
         if reclaimed > 0 {
             tracing::warn!(
@@ -339,6 +345,14 @@ async fn round(
             );
         }
         *next_reclaim = now + lease_ms / 2;
+        // Another process (on a shared database) may have found a
+        // business's key refused: hold it here too, and probe it.
+        for business in shared.store.held_businesses().await? {
+            ensure_business(shared, business).await?;
+            if let Some(b) = shared.businesses.borrow_mut().get_mut(&business) {
+                b.held = true;
+            }
+        }
         prune(shared, now, pipeline.settings.storage.retention_days).await?;
     }
     // Nothing to wait for on the clock unless something below says so;
@@ -401,6 +415,7 @@ async fn round(
                     sends: 1,
                     chat_lookups: 1,
                     total: 1,
+                    caps: caps_of(&pipeline.settings, business),
                 },
                 true,
             )
@@ -450,6 +465,7 @@ async fn round(
             .min(dispatch.claim_batch)
             .min(sends + chat_lookups);
         let limits = ClaimLimits {
+            caps: caps_of(&pipeline.settings, business),
             sends,
             chat_lookups: if sends > 0 {
                 chat_lookups.min(total.div_ceil(2))
@@ -485,12 +501,27 @@ async fn round(
                 Err(_) => {
                     // Cannot happen (we counted permits on this thread), but
                     // if it did, the delivery must not stay leased.
-                    shared.store.release(vec![delivery.id], now).await?;
+                    shared
+                        .store
+                        .release(vec![(delivery.id, delivery.claim_token)], now)
+                        .await?;
                 }
             }
         }
     }
     Ok(wake_at)
+}
+
+/// The business's limits for a store shared by several processes to
+/// enforce across all of them (see `store::SharedCaps`).
+fn caps_of(settings: &crate::settings::Settings, business: BusinessId) -> SharedCaps {
+    let limits = settings.market.limits_for(business);
+    SharedCaps {
+        max_in_flight: limits.max_in_flight,
+        send_limit: limits.limit_of(MarketMethod::SendMessage),
+        lookup_limit: limits.limit_of(MarketMethod::CreateChat),
+        window_ms: limits.quota_window.as_millis() as Millis,
+    }
 }
 
 /// The Market method a claimed delivery needs next: its send, or first
@@ -513,7 +544,10 @@ fn start_send(
     if let Some(b) = shared.businesses.borrow_mut().get_mut(&claimed.business_id) {
         b.budget(method_of(&claimed)).quota.take(now);
     }
-    shared.in_flight.borrow_mut().insert(claimed.id);
+    shared
+        .in_flight
+        .borrow_mut()
+        .insert(claimed.id, claimed.claim_token);
     actix_rt::spawn(send(shared.clone(), claimed, permit, now, probe));
 }
 
@@ -686,6 +720,7 @@ async fn send(
     );
     let attempt = Attempt {
         delivery_id: claimed.id,
+        claim_token: claimed.claim_token,
         business_id: claimed.business_id,
         method,
         started_at: started,

@@ -23,6 +23,7 @@
 //! - a campaign's business, once learnt, is remembered for good.
 
 mod lock;
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -32,6 +33,7 @@ use crate::clock::Millis;
 use crate::domain::{BusinessId, ChatContext, ChatId, DeliveryState, MarketMethod, Target};
 
 pub use lock::ServeLock;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +137,10 @@ pub struct Claimed {
     pub attempts: i64,
     /// When it (last) entered the queue; its maximum age counts from here.
     pub queued_at: Millis,
+    /// Written by the claim; `record` and `release` change the delivery
+    /// only while it still carries this token, so an answer that comes
+    /// after the lease was taken over cannot overwrite the new owner's.
+    pub claim_token: i64,
 }
 
 /// What an attempt ends in; each maps to one delivery state.
@@ -175,6 +181,8 @@ pub struct ApiErrorEntry {
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub delivery_id: i64,
+    /// The token of the claim this attempt was made under (see [`Claimed`]).
+    pub claim_token: i64,
     pub business_id: BusinessId,
     /// Which Market method was called; each has its own quota.
     pub method: MarketMethod,
@@ -267,6 +275,19 @@ pub struct ClaimLimits {
     pub chat_lookups: usize,
     /// Both together (the business's free request slots).
     pub total: usize,
+    /// The business's limits across every process on the database: a
+    /// backend shared by several processes (PostgreSQL) enforces them in
+    /// the claim itself; SQLite (one process) relies on the counts above.
+    pub caps: SharedCaps,
+}
+
+/// A business's settings the claim enforces across processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedCaps {
+    pub max_in_flight: usize,
+    pub send_limit: u32,
+    pub lookup_limit: u32,
+    pub window_ms: Millis,
 }
 
 #[async_trait]
@@ -299,8 +320,9 @@ pub trait Store: Send + Sync + 'static {
     /// Records an attempt and moves its delivery to the verdict's state.
     async fn record(&self, attempt: Attempt, now: Millis) -> StoreResult<()>;
 
-    /// Gives leased deliveries back to the queue untouched (shutdown).
-    async fn release(&self, ids: Vec<i64>, now: Millis) -> StoreResult<()>;
+    /// Gives leased deliveries back to the queue untouched (shutdown):
+    /// `(id, claim token)`, each only while it still carries that token.
+    async fn release(&self, ids: Vec<(i64, i64)>, now: Millis) -> StoreResult<()>;
 
     /// Finish times of the business's quota-counted calls of `method` after
     /// `since`, oldest first.
@@ -387,12 +409,52 @@ pub fn sqlite_path(url: &str) -> Option<&std::path::Path> {
         .map(std::path::Path::new)
 }
 
+/// Whether a `storage.url` names a PostgreSQL database.
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// `storage.url` for messages: the password (in the user part or a
+/// `password=` parameter) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let authority_end = out[rest..]
+            .find(['/', '?'])
+            .map(|i| rest + i)
+            .unwrap_or(out.len());
+        if let Some(at) = out[rest..authority_end].rfind('@').map(|i| rest + i) {
+            if let Some(colon) = out[rest..at].find(':').map(|i| rest + i) {
+                out.replace_range(colon + 1..at, "***");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
+}
+
 /// Opens the backend `storage.url` names.
-pub fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
+pub fn open(settings: &crate::settings::StorageSettings) -> StoreResult<std::sync::Arc<dyn Store>> {
+    let url = settings.url.as_str();
+    if is_postgres(url) {
+        return Ok(std::sync::Arc::new(PostgresStore::open(settings)?));
+    }
     match sqlite_path(url) {
         Some(path) => Ok(std::sync::Arc::new(SqliteStore::open(path)?)),
         None => Err(StoreError::Database(format!(
-            "storage.url {url:?}: only sqlite:// is supported by this build"
+            "storage.url {:?}: write sqlite://path/to/file.db or postgres://user@host:port/database",
+            redact_url(url)
         ))),
     }
 }
@@ -401,4 +463,22 @@ pub fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
 /// (see [`ServeLock`]); `None` for a backend made for several processes.
 pub fn lock_for_serving(url: &str) -> StoreResult<Option<ServeLock>> {
     sqlite_path(url).map(ServeLock::acquire).transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn a_database_password_never_shows() {
+        assert_eq!(
+            redact_url("postgres://app:s3cr%40t@db:5432/chat?sslmode=require"),
+            "postgres://app:***@db:5432/chat?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgresql://app@db/chat?password=s3cret&sslmode=require"),
+            "postgresql://app@db/chat?password=***&sslmode=require"
+        );
+        assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
 }

@@ -108,6 +108,10 @@ ALTER TABLE events ADD COLUMN subject TEXT;
 ALTER TABLE events ADD COLUMN happened_at INTEGER;
 CREATE INDEX events_subject ON events (source, subject, happened_at) WHERE subject IS NOT NULL;
 "#,
+    // Claim tokens: a completion applies only to the claim that made it.
+    r#"
+ALTER TABLE deliveries ADD COLUMN claim_token INTEGER;
+"#,
 ];
 
 type WriteFn<T> = Box<dyn FnOnce(&Connection) -> StoreResult<T> + Send>;
@@ -557,12 +561,13 @@ fn claim_heads(
 
 fn lease(conn: &Connection, id: i64, lease_until: Millis, now: Millis) -> StoreResult<Claimed> {
     conn.prepare_cached(
-        "UPDATE deliveries SET state = 'sending', lease_until = ?2, updated_at = ?3
+        "UPDATE deliveries SET state = 'sending', lease_until = ?2, updated_at = ?3, claim_token = ?4
          WHERE id = ?1
-         RETURNING id, route, business_id, chat_id, text, attempts, queued_at, context_type, context_id",
+         RETURNING id, route, business_id, chat_id, text, attempts, queued_at, context_type, context_id,
+             claim_token",
     )
     .and_then(|mut s| {
-        s.query_row(params![id, lease_until, now], |r| {
+        s.query_row(params![id, lease_until, now, rand::random::<i64>()], |r| {
             Ok(Claimed {
                 id: r.get(0)?,
                 route: r.get(1)?,
@@ -572,6 +577,7 @@ fn lease(conn: &Connection, id: i64, lease_until: Millis, now: Millis) -> StoreR
                 text: r.get(4)?,
                 attempts: r.get(5)?,
                 queued_at: r.get(6)?,
+                claim_token: r.get(9)?,
             })
         })
     })
@@ -806,7 +812,7 @@ impl Store for SqliteStore {
                      reason = CASE WHEN ?2 = 'delivered' THEN NULL ELSE COALESCE(?3, reason) END,
                      next_attempt_at = ?4,
                      delivered_at = ?5, attempts = attempts + ?6, lease_until = NULL, updated_at = ?7
-                 WHERE id = ?1",
+                 WHERE id = ?1 AND claim_token = ?8",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -816,7 +822,8 @@ impl Store for SqliteStore {
                     next,
                     delivered_at,
                     counted,
-                    now
+                    now,
+                    attempt.claim_token
                 ])
             })
             .map_err(db_error)?;
@@ -825,16 +832,16 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn release(&self, ids: Vec<i64>, now: Millis) -> StoreResult<()> {
+    async fn release(&self, ids: Vec<(i64, i64)>, now: Millis) -> StoreResult<()> {
         self.write(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
                     "UPDATE deliveries SET state = 'queued', lease_until = NULL, updated_at = ?2
-                     WHERE id = ?1 AND state = 'sending'",
+                     WHERE id = ?1 AND state = 'sending' AND claim_token = ?3",
                 )
                 .map_err(db_error)?;
-            for id in ids {
-                stmt.execute(params![id, now]).map_err(db_error)?;
+            for (id, token) in ids {
+                stmt.execute(params![id, now, token]).map_err(db_error)?;
             }
             Ok(())
         })

@@ -13,7 +13,7 @@ use chatbridge::market::fake::{FakeConfig, ScriptedAnswer};
 use chatbridge::store::ApiErrorEntry;
 use serde_json::{json, Value};
 
-use crate::helpers::*;
+use super::helpers::*;
 
 const START: i64 = 1_795_000_000_000;
 

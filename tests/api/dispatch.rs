@@ -11,7 +11,7 @@ use chatbridge::market::fake::FakeConfig;
 use futures_util::StreamExt;
 use serde_json::json;
 
-use crate::helpers::*;
+use super::helpers::*;
 
 const START: i64 = 1_795_000_000_000;
 
@@ -43,6 +43,7 @@ fn options(fake: FakeConfig, limit: u32, window_secs: u64) -> (TestOptions, Arc<
         },
         clock: Some(clock.clone()),
         files: burst_files(),
+        backend: Backend::default(),
         tweak: Some(Box::new(move |s| {
             s.market.hourly_limit = limit;
             s.market.quota_window_secs = window_secs;
@@ -553,6 +554,7 @@ async fn a_market_outage_is_retried_at_the_backoff_rate_of_the_clock() {
         },
         clock: Some(clock.clone()),
         files: burst_files(),
+        backend: Backend::default(),
         tweak: Some(Box::new(|s| {
             s.dispatch.initial_backoff_secs = 1;
             s.dispatch.max_backoff_secs = 2;

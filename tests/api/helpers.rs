@@ -1,5 +1,7 @@
 //! `spawn_app()`: the real service on a random loopback port, with a fresh
-//! SQLite file and the fake Market on another port. Tests talk HTTP to both.
+//! SQLite file (or, with `Backend::Postgres`, a fresh PostgreSQL database
+//! on `CHATBRIDGE_TEST_POSTGRES_URL`) and the fake Market on another port.
+//! Tests talk HTTP to both.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,6 +31,104 @@ pub struct TestOptions {
     /// relative to the temp root, e.g. "templates/x.hbs", "config/routes.toml").
     pub files: Vec<(String, String)>,
     pub tweak: Option<Box<dyn Fn(&mut Settings) + Send + Sync>>,
+    /// Which store the app runs on.
+    pub backend: Backend,
+}
+
+/// The store backend of a test app. The store-touching suites run once per
+/// backend (tests/api/postgres.rs runs them again with `Postgres`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    #[default]
+    Sqlite,
+    // Used by tests/api/postgres.rs, compiled only with the URL set.
+    #[cfg_attr(not(postgres_tests), allow(dead_code))]
+    Postgres,
+}
+
+/// The server the PostgreSQL tests use (any database on it; each test
+/// creates and drops its own).
+pub const POSTGRES_URL_VAR: &str = "CHATBRIDGE_TEST_POSTGRES_URL";
+
+/// A database made for one test, dropped (connections and all) when the
+/// last handle goes.
+pub struct TestDatabase {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Arc<TestDatabase> {
+        let admin_url = std::env::var(POSTGRES_URL_VAR).unwrap_or_else(|_| {
+            panic!("{POSTGRES_URL_VAR} is not set: point it at a PostgreSQL server, e.g. postgres://postgres@127.0.0.1:5432/postgres")
+        });
+        let name = format!(
+            "chatbridge_test_{}",
+            rand_id()
+                .to_lowercase()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        );
+        let (client, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {POSTGRES_URL_VAR}: {e}"));
+        let driver = actix_rt::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        // Tests do not survive a server crash; skipping the flush per
+        // commit keeps the 5000-event bursts quick on a shared disk.
+        client
+            .batch_execute(&format!(
+                "ALTER DATABASE {name} SET synchronous_commit = off"
+            ))
+            .await
+            .unwrap();
+        drop(client);
+        let _ = driver.await;
+        let (head, query) = match admin_url.split_once('?') {
+            Some((h, q)) => (h, format!("?{q}")),
+            None => (admin_url.as_str(), String::new()),
+        };
+        let authority = head.find("://").map(|i| i + 3).unwrap_or(0);
+        let base = match head[authority..].find('/') {
+            Some(i) => &head[..authority + i],
+            None => head,
+        };
+        let url = format!("{base}/{name}{query}");
+        Arc::new(TestDatabase {
+            admin_url,
+            name,
+            url,
+        })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop runs inside the test's runtime: do the async work on a thread of its own.
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                if let Ok((client, connection)) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                {
+                    let driver = tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                    drop(client);
+                    let _ = driver.await;
+                }
+            });
+        })
+        .join();
+    }
 }
 
 impl Default for TestOptions {
@@ -41,6 +141,7 @@ impl Default for TestOptions {
             clock: None,
             files: Vec::new(),
             tweak: None,
+            backend: Backend::default(),
         }
     }
 }
@@ -55,6 +156,8 @@ pub struct TestApp {
     handle: actix_web::dev::ServerHandle,
     server: actix_rt::task::JoinHandle<std::io::Result<()>>,
     loader: chatbridge::reload::SettingsLoader,
+    /// The PostgreSQL database, when the app runs on one.
+    pub database: Option<Arc<TestDatabase>>,
 }
 
 pub fn copy_dir(from: &Path, to: &Path) {
@@ -87,11 +190,21 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
         None => Arc::new(SystemClock),
     };
     let market = FakeMarket::start("127.0.0.1:0", options.fake, clock.clone()).unwrap();
+    let database = match options.backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(TestDatabase::create().await),
+    };
+    let storage_url = match &database {
+        Some(db) => db.url.clone(),
+        None => format!("sqlite://{}", root.path().join("chatbridge.db").display()),
+    };
     // What the test sets in code, applied again on every reload.
     let (dir, market_url, tweak) = (root.path().to_path_buf(), market.base_url(), options.tweak);
     let loader: chatbridge::reload::SettingsLoader = Arc::new(move || {
         let mut settings = Settings::load(&dir.join("config")).map_err(|e| vec![e.to_string()])?;
-        settings.storage.url = format!("sqlite://{}", dir.join("chatbridge.db").display());
+        settings.storage.url = storage_url.clone();
+        // Many tests run at once against a server allowing 100 connections.
+        settings.storage.pool_size = 4;
         settings.templates.dir = dir.join("templates");
         settings.market.base_url = market_url.clone();
         settings.market.api_key = Some(API_KEY.to_owned().into());
@@ -105,7 +218,7 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
         }
         Ok(settings)
     });
-    start(root, market, clock, options.clock, loader).await
+    start(root, market, clock, options.clock, loader, database).await
 }
 
 async fn start(
@@ -114,6 +227,7 @@ async fn start(
     clock: SharedClock,
     manual_clock: Option<Arc<ManualClock>>,
     loader: chatbridge::reload::SettingsLoader,
+    database: Option<Arc<TestDatabase>>,
 ) -> TestApp {
     let settings = loader().unwrap_or_else(|p| panic!("{}", p.join("\n")));
     let pipeline = Pipeline::from_settings(settings).unwrap_or_else(|p| panic!("{}", p.join("\n")));
@@ -141,6 +255,7 @@ async fn start(
         handle,
         server,
         loader,
+        database,
     }
 }
 
@@ -156,6 +271,7 @@ impl TestApp {
             self.clock,
             self.manual_clock,
             self.loader,
+            self.database,
         )
         .await
     }

@@ -5,7 +5,7 @@
 use actix_web::web::Bytes;
 use serde_json::{json, Value};
 
-use crate::helpers::*;
+use super::helpers::*;
 
 /// Asserts a refusal: the status and `{"error":{"code","message"}}`.
 fn assert_error(status: u16, body: &Value, want_status: u16, want_code: Option<&str>) {

@@ -17,6 +17,7 @@ mod openapi;
 mod operations;
 mod orders;
 mod pipeline;
+mod postgres;
 mod serve_binary;
 mod spec;
 mod templates;

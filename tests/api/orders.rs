@@ -10,7 +10,7 @@ use chatbridge::store::ApiErrorEntry;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use crate::helpers::*;
+use super::helpers::*;
 
 /// `note.order` events go to the chat of `orderId`, `note.return` events to
 /// the chat of `returnId`, `note.chat` events to `chatId`; the text is

@@ -1,0 +1,1423 @@
+//! PostgreSQL backend: any number of `chatbridge serve` processes share one
+//! database and behave like one process. The schema is
+//! `postgres/schema.sql` (numbered migrations, run at start under an
+//! advisory lock). Everything that must hold across processes is decided
+//! in the database:
+//! - `(source, external_id)` is a unique key: a webhook posted to two
+//!   instances at once makes one event (`ON CONFLICT DO NOTHING`, then the
+//!   stored one is read);
+//! - a claim runs in one transaction under the business's exclusive
+//!   advisory lock: it counts the business's `sending` rows (max_in_flight)
+//!   and its quota slots in the window (one indexed range, no counter row),
+//!   reads the methods' 420 pauses, then takes the due heads of their
+//!   conversations `FOR UPDATE SKIP LOCKED` in one statement, writes a
+//!   fresh claim token from a sequence and a quota slot per call;
+//! - inserts (and requeues) hold the same lock shared: ids come from a
+//!   sequence and commits can land out of id order, so a claim waits for
+//!   the inserts in progress of its business; otherwise it could take a
+//!   later delivery of a conversation whose earlier one is not yet visible;
+//! - `record`/`release` change a delivery only while it carries the
+//!   claim's token; a 420 or a call that never left gives its quota slot
+//!   back, any other answer moves the slot to the answer's time.
+//!
+//! Connections come from a deadpool pool that lives on the store's own
+//! runtime thread, so they do not die with the actix worker that happened
+//! to open them.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::GenericClient;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use super::*;
+use crate::clock::to_rfc3339;
+use crate::settings::StorageSettings;
+
+const SCHEMA: &str = include_str!("postgres/schema.sql");
+/// Advisory lock namespaces (the first key of the two-key form).
+const MIGRATE_LOCK: i32 = 0x6362_0001;
+const BUSINESS_LOCK: i32 = 0x6362_0002;
+
+pub struct PostgresStore {
+    pool: Pool,
+    runtime: tokio::runtime::Handle,
+    /// Dropping it ends the runtime thread, closing every connection.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn db_error(e: impl std::error::Error) -> StoreError {
+    // tokio-postgres puts the server's message in the source chain.
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    StoreError::Database(text)
+}
+
+fn migrations() -> Vec<&'static str> {
+    SCHEMA
+        .split("-- migration ")
+        .skip(1)
+        .map(|part| part.split_once('\n').map(|(_, sql)| sql).unwrap_or(""))
+        .collect()
+}
+
+/// TLS as libpq does it for `sslmode=prefer` (the default) and `require`:
+/// the connection is encrypted, the server's certificate is not checked
+/// against a CA (managed databases use their own CAs; libpq checks only for
+/// `verify-ca`/`verify-full`, which tokio-postgres does not parse). The
+/// handshake's signatures are still verified.
+fn tls() -> StoreResult<tokio_postgres_rustls::MakeRustlsConnect> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Database(format!("TLS setup: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+#[derive(Debug)]
+struct EncryptOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl PostgresStore {
+    /// Connects, runs the migrations this version has not seen, and keeps
+    /// a pool of `storage.pool_size` connections. Blocks until done.
+    pub fn open(settings: &StorageSettings) -> StoreResult<Self> {
+        let mut config = tokio_postgres::Config::from_str(&settings.url).map_err(|e| {
+            StoreError::Database(format!(
+                "{} is not a PostgreSQL URL: {e}",
+                redact_url(&settings.url)
+            ))
+        })?;
+        config.connect_timeout(Duration::from_secs(settings.connect_timeout_secs));
+        if config.get_application_name().is_none() {
+            config.application_name("chatbridge");
+        }
+        let manager = Manager::from_config(
+            config,
+            tls()?,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let timeout = Some(Duration::from_secs(settings.connect_timeout_secs));
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .wait_timeout(timeout)
+            .create_timeout(timeout)
+            .recycle_timeout(timeout)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(db_error)?;
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("postgres".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .map_err(|e| StoreError::Database(format!("cannot start the store thread: {e}")))?;
+        let runtime = handle_rx
+            .recv()
+            .map_err(|_| StoreError::Closed)?
+            .map_err(|e| StoreError::Database(format!("cannot start the store runtime: {e}")))?;
+        let store = Self {
+            pool,
+            runtime,
+            _stop: stop,
+        };
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let pool = store.pool.clone();
+        store.runtime.spawn(async move {
+            let _ = done_tx.send(migrate(&pool).await);
+        });
+        done_rx.recv().map_err(|_| StoreError::Closed)??;
+        Ok(store)
+    }
+
+    /// Runs `work` with a pooled connection on the store's runtime.
+    async fn with<T, F>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(
+                &'c mut Object,
+            )
+                -> std::pin::Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'c>>
+            + Send
+            + 'static,
+    {
+        let pool = self.pool.clone();
+        self.runtime
+            .spawn(async move {
+                let mut client = pool.get().await.map_err(db_error)?;
+                work(&mut client).await
+            })
+            .await
+            .map_err(|e| StoreError::Database(format!("store task failed: {e}")))?
+    }
+}
+
+use std::future::Future;
+
+async fn migrate(pool: &Pool) -> StoreResult<()> {
+    let mut client = pool.get().await.map_err(db_error)?;
+    let tx = client.transaction().await.map_err(db_error)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&MIGRATE_LOCK])
+        .await
+        .map_err(db_error)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS chatbridge_schema (version INTEGER NOT NULL)")
+        .await
+        .map_err(db_error)?;
+    let version: i32 = tx
+        .query_one(
+            "SELECT COALESCE(MAX(version), 0) FROM chatbridge_schema",
+            &[],
+        )
+        .await
+        .map_err(db_error)?
+        .get(0);
+    let scripts = migrations();
+    if version as usize > scripts.len() {
+        return Err(StoreError::Database(format!(
+            "the database schema is version {version}, newer than this chatbridge knows ({}); upgrade chatbridge",
+            scripts.len()
+        )));
+    }
+    for (i, script) in scripts.iter().enumerate().skip(version as usize) {
+        tx.batch_execute(script).await.map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO chatbridge_schema (version) VALUES ($1)",
+            &[&(i as i32 + 1)],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    tx.commit().await.map_err(db_error)
+}
+
+fn state_of(raw: &str) -> DeliveryState {
+    DeliveryState::parse(raw).unwrap_or(DeliveryState::Failed)
+}
+
+fn context_of(kind: Option<String>, id: Option<i64>) -> Option<ChatContext> {
+    Some(ChatContext {
+        kind: crate::domain::ContextKind::parse(&kind?)?,
+        id: id?,
+    })
+}
+
+/// Serialises claims of a business against each other (exclusive) and
+/// against the inserts of its deliveries (shared): see the module docs.
+async fn lock_business(c: &impl GenericClient, business: i64, exclusive: bool) -> StoreResult<()> {
+    let sql = if exclusive {
+        "SELECT pg_advisory_xact_lock($1, hashint8($2))"
+    } else {
+        "SELECT pg_advisory_xact_lock_shared($1, hashint8($2))"
+    };
+    c.execute(sql, &[&BUSINESS_LOCK, &business])
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
+async fn event_by_key(
+    c: &impl GenericClient,
+    source: &str,
+    external_id: &str,
+) -> StoreResult<Option<StoredEvent>> {
+    let row = c
+        .query_opt(
+            "SELECT id FROM events WHERE source = $1 AND external_id = $2",
+            &[&source, &external_id],
+        )
+        .await
+        .map_err(db_error)?;
+    match row {
+        Some(r) => event_by_id(c, r.get(0)).await,
+        None => Ok(None),
+    }
+}
+
+async fn event_by_id(c: &impl GenericClient, id: i64) -> StoreResult<Option<StoredEvent>> {
+    let Some(r) = c
+        .query_opt(
+            "SELECT id, source, external_id, event_type, payload, received_at FROM events WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(db_error)?
+    else {
+        return Ok(None);
+    };
+    let deliveries = c
+        .query(
+            "SELECT id, route, state FROM deliveries WHERE event_id = $1 ORDER BY id",
+            &[&id],
+        )
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|d| DeliverySummary {
+            id: d.get(0),
+            route: d.get(1),
+            state: state_of(d.get(2)),
+        })
+        .collect();
+    Ok(Some(StoredEvent {
+        id: r.get(0),
+        source: r.get(1),
+        external_id: r.get(2),
+        event_type: r.get(3),
+        payload: r.get(4),
+        received_at: r.get(5),
+        deliveries,
+    }))
+}
+
+const DELIVERY_COLUMNS: &str = "d.id, d.event_id, e.source, e.event_type, d.route, d.template, d.business_id, \
+     d.chat_id, d.state, d.reason, d.attempts, d.created_at, d.next_attempt_at, d.delivered_at, d.text, \
+     d.context_type, d.context_id";
+
+fn delivery_row(r: &Row) -> DeliveryRow {
+    let context = context_of(r.get(15), r.get(16));
+    DeliveryRow {
+        id: r.get(0),
+        event_id: r.get(1),
+        source: r.get(2),
+        event_type: r.get(3),
+        route: r.get(4),
+        template: r.get(5),
+        business_id: r.get(6),
+        chat_id: r.get(7),
+        state: state_of(r.get(8)),
+        reason: r.get(9),
+        attempts: r.get(10),
+        created_at: to_rfc3339(r.get(11)),
+        next_attempt_at: to_rfc3339(r.get(12)),
+        delivered_at: r.get::<_, Option<i64>>(13).map(to_rfc3339),
+        text: r.get(14),
+        order_id: context
+            .filter(|c| c.kind == crate::domain::ContextKind::Order)
+            .map(|c| c.id),
+        return_id: context
+            .filter(|c| c.kind == crate::domain::ContextKind::Return)
+            .map(|c| c.id),
+    }
+}
+
+async fn known_chat(
+    c: &impl GenericClient,
+    business: BusinessId,
+    context: ChatContext,
+) -> StoreResult<Option<ChatId>> {
+    Ok(c.query_opt(
+        "SELECT chat_id FROM chat_contexts
+             WHERE business_id = $1 AND context_type = $2 AND context_id = $3",
+        &[&business.0, &context.kind.as_str(), &context.id],
+    )
+    .await
+    .map_err(db_error)?
+    .map(|r| ChatId(r.get(0))))
+}
+
+/// A delivery's chat, context and conversation columns (as in sqlite.rs).
+#[derive(Default)]
+struct Addressed {
+    chat: Option<i64>,
+    context_type: Option<&'static str>,
+    context_id: Option<i64>,
+    conversation: Option<String>,
+}
+
+impl Addressed {
+    async fn find(
+        c: &impl GenericClient,
+        business: BusinessId,
+        target: Target,
+    ) -> StoreResult<Self> {
+        let (chat, context) = match target {
+            Target::Chat(chat) => (Some(chat), None),
+            Target::Context(ctx) => (known_chat(c, business, ctx).await?, Some(ctx)),
+        };
+        Ok(Self {
+            chat: chat.map(|c| c.0),
+            context_type: context.map(|c| c.kind.as_str()),
+            context_id: context.map(|c| c.id),
+            conversation: crate::domain::conversation_key(chat, context),
+        })
+    }
+}
+
+/// Remembers the chat of an order or return and moves its open deliveries
+/// into the chat's conversation. Runs under the business's exclusive lock.
+async fn remember_chat(
+    c: &impl GenericClient,
+    business: BusinessId,
+    context: ChatContext,
+    chat: ChatId,
+    now: Millis,
+) -> StoreResult<()> {
+    c.execute(
+        "INSERT INTO chat_contexts (business_id, context_type, context_id, chat_id, found_at)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        &[
+            &business.0,
+            &context.kind.as_str(),
+            &context.id,
+            &chat.0,
+            &now,
+        ],
+    )
+    .await
+    .map_err(db_error)?;
+    let from = crate::domain::conversation_key(None, Some(context));
+    let to = crate::domain::conversation_key(Some(chat), None);
+    c.execute(
+        "UPDATE deliveries SET chat_id = $4, conversation = $5, updated_at = $6
+         WHERE business_id = $1 AND conversation = $2 AND chat_id IS NULL
+           AND state IN ('queued', 'sending', 'held') AND context_type = $3",
+        &[
+            &business.0,
+            &from,
+            &context.kind.as_str(),
+            &chat.0,
+            &to,
+            &now,
+        ],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+fn outcome_name(verdict: &Verdict) -> &'static str {
+    match verdict {
+        Verdict::ChatFound { .. } => "chat_found",
+        Verdict::Delivered => "delivered",
+        Verdict::Retry { .. } => "retry",
+        Verdict::Throttled { .. } => "throttled",
+        Verdict::Dead { .. } => "dead",
+        Verdict::Held { .. } => "held",
+    }
+}
+
+/// `d` is the first open delivery of its conversation. Written as "its id
+/// is the conversation's first open id" (one index probe), not as NOT
+/// EXISTS: without fresh statistics the planner turned that into a scan of
+/// the business's whole queue per row.
+const HEAD: &str = "d.id = COALESCE((
+    SELECT p.id FROM deliveries p
+    WHERE p.business_id = d.business_id AND p.conversation = d.conversation
+      AND p.state IN ('queued', 'sending', 'held')
+    ORDER BY p.id LIMIT 1), d.id)";
+
+const CLAIMED_COLUMNS: &str =
+    "u.id, u.route, u.business_id, u.chat_id, u.text, u.attempts, u.queued_at, \
+     u.context_type, u.context_id, u.claim_token";
+
+fn claimed_row(r: &Row) -> Claimed {
+    Claimed {
+        id: r.get(0),
+        route: r.get(1),
+        business_id: BusinessId(r.get(2)),
+        chat_id: r.get::<_, Option<i64>>(3).map(ChatId),
+        text: r.get::<_, Option<String>>(4).unwrap_or_default(),
+        attempts: r.get(5),
+        queued_at: r.get(6),
+        context: context_of(r.get(7), r.get(8)),
+        claim_token: r.get(9),
+    }
+}
+
+/// Leases up to `limit` due heads of their conversations in one statement:
+/// `lookups` those whose chat must be found first, else sends.
+async fn claim_heads(
+    c: &impl GenericClient,
+    business: BusinessId,
+    now: Millis,
+    lease_until: Millis,
+    limit: usize,
+    lookups: bool,
+) -> StoreResult<Vec<Claimed>> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "WITH due AS (
+            SELECT d.id FROM deliveries d
+            WHERE d.state = 'queued' AND d.business_id = $1 AND d.next_attempt_at <= $2
+              AND d.chat_id IS {} NULL
+              AND {HEAD}
+            ORDER BY d.next_attempt_at, d.id LIMIT $3
+            FOR UPDATE SKIP LOCKED
+         )
+         UPDATE deliveries u SET state = 'sending', lease_until = $4, updated_at = $2,
+             claim_token = nextval('claim_tokens')
+         FROM due WHERE u.id = due.id
+         RETURNING {CLAIMED_COLUMNS}",
+        if lookups { "" } else { "NOT" }
+    );
+    let rows = c
+        .query(&sql, &[&business.0, &now, &(limit as i64), &lease_until])
+        .await
+        .map_err(db_error)?;
+    let mut claimed: Vec<Claimed> = rows.iter().map(claimed_row).collect();
+    claimed.sort_by_key(|c| c.id);
+    Ok(claimed)
+}
+
+/// How many calls of `method` the business may still start: its quota
+/// left in the window (slots taken by every process) and its 420 pause.
+async fn method_room(
+    c: &impl GenericClient,
+    business: BusinessId,
+    method: MarketMethod,
+    limit: u32,
+    window_ms: Millis,
+    now: Millis,
+) -> StoreResult<usize> {
+    let row = c
+        .query_one(
+            "SELECT (SELECT COUNT(*) FROM quota_slots
+                     WHERE business_id = $1 AND method = $2 AND taken_at > $3),
+                    (SELECT until_at FROM method_pauses WHERE business_id = $1 AND method = $2)",
+            &[&business.0, &method.as_str(), &(now - window_ms)],
+        )
+        .await
+        .map_err(db_error)?;
+    let used: i64 = row.get(0);
+    let paused: Option<i64> = row.get(1);
+    if paused.is_some_and(|until| until > now) {
+        return Ok(0);
+    }
+    Ok((limit as i64 - used).max(0) as usize)
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn insert_event(&self, event: NewEvent) -> StoreResult<Inserted> {
+        self.with(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(db_error)?;
+                let mut businesses: Vec<i64> = event
+                    .deliveries
+                    .iter()
+                    .filter_map(|d| match &d.rendered {
+                        Ok(m) => Some(m.business_id.0),
+                        Err(f) => f.business_id.map(|b| b.0),
+                    })
+                    .collect();
+                businesses.sort_unstable();
+                businesses.dedup();
+                for b in &businesses {
+                    lock_business(&tx, *b, false).await?;
+                }
+                let inserted = tx
+                    .query_opt(
+                        "INSERT INTO events (source, external_id, event_type, payload, received_at)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (source, external_id) DO NOTHING
+                         RETURNING id",
+                        &[
+                            &event.source,
+                            &event.external_id,
+                            &event.event_type,
+                            &event.payload,
+                            &event.received_at,
+                        ],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                let Some(inserted) = inserted else {
+                    // Another instance may have inserted it a moment ago:
+                    // ON CONFLICT waited for its commit, so it is visible.
+                    drop(tx);
+                    return event_by_key(&*client, &event.source, &event.external_id)
+                        .await?
+                        .map(Inserted::Duplicate)
+                        .ok_or_else(|| StoreError::Database("duplicate event vanished".into()));
+                };
+                let event_id: i64 = inserted.get(0);
+                let stmt = tx
+                    .prepare(
+                        "INSERT INTO deliveries (event_id, route, template, business_id, chat_id, text, state,
+                             reason, created_at, queued_at, next_attempt_at, updated_at,
+                             context_type, context_id, conversation)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $9, $9, $10, $11, $12)
+                         RETURNING id",
+                    )
+                    .await
+                    .map_err(db_error)?;
+                let mut deliveries = Vec::with_capacity(event.deliveries.len());
+                for d in &event.deliveries {
+                    let (business, text, state, reason) = match &d.rendered {
+                        Ok(m) => (
+                            Some(m.business_id.0),
+                            Some(m.text.as_str()),
+                            DeliveryState::Queued,
+                            None,
+                        ),
+                        Err(f) => (
+                            f.business_id.map(|b| b.0),
+                            None,
+                            DeliveryState::Failed,
+                            Some(f.reason.as_str()),
+                        ),
+                    };
+                    let at = match &d.rendered {
+                        Ok(m) => Addressed::find(&tx, m.business_id, m.target).await?,
+                        Err(f) => match (f.business_id, f.target) {
+                            (Some(business), Some(target)) => {
+                                Addressed::find(&tx, business, target).await?
+                            }
+                            _ => Addressed::default(),
+                        },
+                    };
+                    let row = tx
+                        .query_one(
+                            &stmt,
+                            &[
+                                &event_id,
+                                &d.route,
+                                &d.template,
+                                &business,
+                                &at.chat,
+                                &text,
+                                &state.as_str(),
+                                &reason,
+                                &event.received_at,
+                                &at.context_type,
+                                &at.context_id,
+                                &at.conversation,
+                            ],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                    deliveries.push(DeliverySummary {
+                        id: row.get(0),
+                        route: d.route.clone(),
+                        state,
+                    });
+                }
+                tx.commit().await.map_err(db_error)?;
+                Ok(Inserted::New(StoredEvent {
+                    id: event_id,
+                    source: event.source,
+                    external_id: event.external_id,
+                    event_type: event.event_type,
+                    payload: event.payload,
+                    received_at: event.received_at,
+                    deliveries,
+                }))
+            })
+        })
+        .await
+    }
+
+    async fn queued_businesses(&self) -> StoreResult<Vec<(BusinessId, Millis)>> {
+        // A skip scan over the due index: one probe per business.
+        self.with(|c| {
+            Box::pin(async move {
+                let rows = c
+                    .query(
+                        "WITH RECURSIVE b(id) AS (
+                            SELECT (SELECT MIN(business_id) FROM deliveries WHERE state = 'queued')
+                            UNION ALL
+                            SELECT (SELECT MIN(business_id) FROM deliveries
+                                    WHERE state = 'queued' AND business_id > b.id)
+                            FROM b WHERE b.id IS NOT NULL
+                         )
+                         SELECT id, (SELECT MIN(next_attempt_at) FROM deliveries
+                                     WHERE state = 'queued' AND business_id = b.id)
+                         FROM b WHERE id IS NOT NULL",
+                        &[],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| (BusinessId(r.get(0)), r.get(1)))
+                    .collect())
+            })
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        business: BusinessId,
+        now: Millis,
+        lease_until: Millis,
+        limits: ClaimLimits,
+        held: bool,
+    ) -> StoreResult<Vec<Claimed>> {
+        self.with(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(db_error)?;
+                lock_business(&tx, business.0, true).await?;
+                let caps = limits.caps;
+                let sending: i64 = tx
+                    .query_one(
+                        "SELECT COUNT(*) FROM deliveries WHERE business_id = $1 AND state = 'sending'",
+                        &[&business.0],
+                    )
+                    .await
+                    .map_err(db_error)?
+                    .get(0);
+                let total = limits
+                    .total
+                    .min((caps.max_in_flight as i64 - sending).max(0) as usize);
+                let lookups = limits.chat_lookups.min(
+                    method_room(
+                        &tx,
+                        business,
+                        MarketMethod::CreateChat,
+                        caps.lookup_limit,
+                        caps.window_ms,
+                        now,
+                    )
+                    .await?,
+                );
+                let sends = limits.sends.min(
+                    method_room(
+                        &tx,
+                        business,
+                        MarketMethod::SendMessage,
+                        caps.send_limit,
+                        caps.window_ms,
+                        now,
+                    )
+                    .await?,
+                );
+                let claimed = if held {
+                    // A probe: one held delivery, whatever its method, if
+                    // the request slots and its method's quota allow.
+                    let rows = tx
+                        .query(
+                            &format!(
+                                "WITH due AS (
+                                    SELECT id FROM deliveries
+                                    WHERE state = 'held' AND business_id = $1
+                                    ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+                                 UPDATE deliveries u SET state = 'sending', lease_until = $3,
+                                     updated_at = $4, claim_token = nextval('claim_tokens')
+                                 FROM due WHERE u.id = due.id
+                                 RETURNING {CLAIMED_COLUMNS}"
+                            ),
+                            &[&business.0, &(total as i64), &lease_until, &now],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                    rows.iter().map(claimed_row).collect()
+                } else {
+                    // Another instance holds the business (its key is
+                    // refused): only its probe may call the Market.
+                    let held_rows: bool = tx
+                        .query_one(
+                            "SELECT EXISTS (SELECT 1 FROM deliveries WHERE business_id = $1 AND state = 'held')",
+                            &[&business.0],
+                        )
+                        .await
+                        .map_err(db_error)?
+                        .get(0);
+                    if held_rows {
+                        Vec::new()
+                    } else {
+                        let mut claimed =
+                            claim_heads(&tx, business, now, lease_until, lookups.min(total), true)
+                                .await?;
+                        let room = total - claimed.len();
+                        claimed.extend(
+                            claim_heads(&tx, business, now, lease_until, sends.min(room), false)
+                                .await?,
+                        );
+                        claimed
+                    }
+                };
+                // Each call takes its quota slot now: a crash before the
+                // answer is recorded cannot lose it.
+                for c in &claimed {
+                    let method = if c.chat_id.is_some() {
+                        MarketMethod::SendMessage
+                    } else {
+                        MarketMethod::CreateChat
+                    };
+                    tx.execute(
+                        "INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
+                         VALUES ($1, $2, $3, $4, $5)",
+                        &[&c.claim_token, &c.id, &business.0, &method.as_str(), &now],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                }
+                tx.commit().await.map_err(db_error)?;
+                Ok(claimed)
+            })
+        })
+        .await
+    }
+
+    async fn next_due(&self, business: BusinessId, now: Millis) -> StoreResult<Option<Millis>> {
+        self.with(move |c| {
+            Box::pin(async move {
+                Ok(c.query_one(
+                    &format!(
+                        "SELECT MIN(d.next_attempt_at) FROM deliveries d
+                     WHERE d.state = 'queued' AND d.business_id = $1 AND d.next_attempt_at > $2
+                       AND {HEAD}"
+                    ),
+                    &[&business.0, &now],
+                )
+                .await
+                .map_err(db_error)?
+                .get(0))
+            })
+        })
+        .await
+    }
+
+    async fn record(&self, attempt: Attempt, now: Millis) -> StoreResult<()> {
+        self.with(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(db_error)?;
+                if matches!(attempt.verdict, Verdict::ChatFound { .. }) {
+                    // Moves deliveries between conversations: not while a
+                    // claim of the business is choosing heads.
+                    lock_business(&tx, attempt.business_id.0, true).await?;
+                }
+                let errors =
+                    serde_json::to_string(&attempt.api_errors).unwrap_or_else(|_| "[]".into());
+                tx.execute(
+                    "INSERT INTO attempts (delivery_id, business_id, started_at, finished_at, latency_ms,
+                         http_status, outcome, api_errors, error, counts_quota, method)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    &[
+                        &attempt.delivery_id,
+                        &attempt.business_id.0,
+                        &attempt.started_at,
+                        &attempt.finished_at,
+                        &attempt.latency_ms,
+                        &attempt.http_status.map(i32::from),
+                        &outcome_name(&attempt.verdict),
+                        &errors,
+                        &attempt.error,
+                        &attempt.counts_for_quota,
+                        &attempt.method.as_str(),
+                    ],
+                )
+                .await
+                .map_err(db_error)?;
+                if let Verdict::ChatFound { context, chat } = attempt.verdict {
+                    remember_chat(&tx, attempt.business_id, context, chat, now).await?;
+                }
+                // The slot the claim took: kept from the answer's time
+                // when the Market counted the call, else given back.
+                if attempt.counts_for_quota {
+                    let moved = tx
+                        .execute(
+                            "UPDATE quota_slots SET taken_at = $2 WHERE claim_token = $1",
+                            &[&attempt.claim_token, &attempt.finished_at],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                    if moved == 0 {
+                        tx.execute(
+                            "INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
+                             VALUES (-nextval('claim_tokens'), $1, $2, $3, $4)",
+                            &[
+                                &attempt.delivery_id,
+                                &attempt.business_id.0,
+                                &attempt.method.as_str(),
+                                &attempt.finished_at,
+                            ],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                    }
+                } else {
+                    tx.execute(
+                        "DELETE FROM quota_slots WHERE claim_token = $1",
+                        &[&attempt.claim_token],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                }
+                if let Verdict::Throttled { until } = attempt.verdict {
+                    tx.execute(
+                        "INSERT INTO method_pauses (business_id, method, until_at) VALUES ($1, $2, $3)
+                         ON CONFLICT (business_id, method)
+                         DO UPDATE SET until_at = GREATEST(method_pauses.until_at, EXCLUDED.until_at)",
+                        &[&attempt.business_id.0, &attempt.method.as_str(), &until],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                }
+                let counted = i64::from(!matches!(
+                    attempt.verdict,
+                    Verdict::Throttled { .. } | Verdict::ChatFound { .. }
+                ));
+                let (state, reason, next, delivered_at) = match &attempt.verdict {
+                    Verdict::Delivered => (DeliveryState::Delivered, None, now, Some(now)),
+                    Verdict::Retry { at, reason } => {
+                        (DeliveryState::Queued, Some(reason.clone()), *at, None)
+                    }
+                    Verdict::Throttled { until } => (DeliveryState::Queued, None, *until, None),
+                    Verdict::Dead { reason } => {
+                        (DeliveryState::Dead, Some(reason.clone()), now, None)
+                    }
+                    Verdict::Held { reason } => {
+                        (DeliveryState::Held, Some(reason.clone()), now, None)
+                    }
+                    Verdict::ChatFound { .. } => (DeliveryState::Queued, None, now, None),
+                };
+                let changed = tx
+                    .execute(
+                        "UPDATE deliveries SET state = $2,
+                             reason = CASE WHEN $2 = 'delivered' THEN NULL ELSE COALESCE($3, reason) END,
+                             next_attempt_at = $4, delivered_at = $5, attempts = attempts + $6,
+                             lease_until = NULL, updated_at = $7
+                         WHERE id = $1 AND claim_token = $8",
+                        &[
+                            &attempt.delivery_id,
+                            &state.as_str(),
+                            &reason,
+                            &next,
+                            &delivered_at,
+                            &counted,
+                            &now,
+                            &attempt.claim_token,
+                        ],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                if changed == 0 {
+                    tracing::warn!(
+                        delivery = attempt.delivery_id,
+                        "an answer came after the delivery's lease was taken over; recorded as an attempt only"
+                    );
+                }
+                tx.commit().await.map_err(db_error)
+            })
+        })
+        .await
+    }
+
+    async fn release(&self, ids: Vec<(i64, i64)>, now: Millis) -> StoreResult<()> {
+        self.with(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(db_error)?;
+                for (id, token) in ids {
+                    tx.execute(
+                        "UPDATE deliveries SET state = 'queued', lease_until = NULL, updated_at = $2
+                         WHERE id = $1 AND state = 'sending' AND claim_token = $3",
+                        &[&id, &now, &token],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                    // Never sent: the Market did not count it.
+                    tx.execute("DELETE FROM quota_slots WHERE claim_token = $1", &[&token])
+                        .await
+                        .map_err(db_error)?;
+                }
+                tx.commit().await.map_err(db_error)
+            })
+        })
+        .await
+    }
+
+    async fn calls_since(
+        &self,
+        business: BusinessId,
+        method: MarketMethod,
+        since: Millis,
+    ) -> StoreResult<Vec<Millis>> {
+        // The slots of every process, in flight ones included.
+        self.with(move |c| {
+            Box::pin(async move {
+                Ok(c.query(
+                    "SELECT taken_at FROM quota_slots
+                     WHERE business_id = $1 AND method = $2 AND taken_at > $3 ORDER BY taken_at",
+                    &[&business.0, &method.as_str(), &since],
+                )
+                .await
+                .map_err(db_error)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect())
+            })
+        })
+        .await
+    }
+
+    async fn known_chat(
+        &self,
+        business: BusinessId,
+        context: ChatContext,
+    ) -> StoreResult<Option<ChatId>> {
+        self.with(move |c| Box::pin(async move { known_chat(&*c, business, context).await }))
+            .await
+    }
+
+    async fn reclaim_expired(&self, now: Millis, ours: Vec<i64>) -> StoreResult<u64> {
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE deliveries SET state = 'queued', lease_until = NULL, updated_at = $1
+                     WHERE state = 'sending' AND lease_until < $1 AND NOT (id = ANY($2))",
+                    &[&now, &ours],
+                )
+                .await
+                .map_err(db_error)
+            })
+        })
+        .await
+    }
+
+    async fn held_businesses(&self) -> StoreResult<Vec<BusinessId>> {
+        self.with(|c| {
+            Box::pin(async move {
+                Ok(c.query(
+                    "SELECT DISTINCT business_id FROM deliveries WHERE state = 'held'",
+                    &[],
+                )
+                .await
+                .map_err(db_error)?
+                .iter()
+                .map(|r| BusinessId(r.get(0)))
+                .collect())
+            })
+        })
+        .await
+    }
+
+    async fn release_held(&self, business: BusinessId, now: Millis) -> StoreResult<u64> {
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE deliveries SET state = 'queued', next_attempt_at = $2, updated_at = $2
+                     WHERE state = 'held' AND business_id = $1",
+                    &[&business.0, &now],
+                )
+                .await
+                .map_err(db_error)
+            })
+        })
+        .await
+    }
+
+    async fn delivery(&self, id: i64) -> StoreResult<Option<(DeliveryRow, Vec<AttemptRow>)>> {
+        self.with(move |c| {
+            Box::pin(async move {
+                let Some(row) = c
+                    .query_opt(
+                        &format!(
+                            "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id
+                             WHERE d.id = $1"
+                        ),
+                        &[&id],
+                    )
+                    .await
+                    .map_err(db_error)?
+                else {
+                    return Ok(None);
+                };
+                let attempts = c
+                    .query(
+                        "SELECT started_at, http_status, latency_ms, outcome, api_errors, error, method
+                         FROM attempts WHERE delivery_id = $1 ORDER BY id",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(db_error)?
+                    .iter()
+                    .map(|r| AttemptRow {
+                        at: to_rfc3339(r.get(0)),
+                        http_status: r.get::<_, Option<i32>>(1).map(|s| s as u16),
+                        latency_ms: r.get(2),
+                        outcome: r.get(3),
+                        api_errors: serde_json::from_str(r.get(4)).unwrap_or_default(),
+                        error: r.get(5),
+                        method: MarketMethod::parse(r.get(6)).unwrap_or(MarketMethod::SendMessage),
+                    })
+                    .collect();
+                Ok(Some((delivery_row(&row), attempts)))
+            })
+        })
+        .await
+    }
+
+    async fn list_deliveries(&self, filter: DeliveryFilter) -> StoreResult<Vec<DeliveryRow>> {
+        self.with(move |c| {
+            Box::pin(async move {
+                let mut sql = format!(
+                    "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id WHERE TRUE"
+                );
+                let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+                let mut add = |clause: &str, value: Box<dyn ToSql + Sync + Send>| {
+                    args.push(value);
+                    sql.push_str(&format!(" AND {clause} ${}", args.len()));
+                };
+                if let Some(s) = filter.state {
+                    add("d.state =", Box::new(s.as_str().to_owned()));
+                }
+                if let Some(b) = filter.business_id {
+                    add("d.business_id =", Box::new(b));
+                }
+                if let Some(ch) = filter.chat_id {
+                    add("d.chat_id =", Box::new(ch));
+                }
+                if let Some(o) = filter.order_id {
+                    add("d.context_type = 'ORDER' AND d.context_id =", Box::new(o));
+                }
+                if let Some(r) = filter.return_id {
+                    add("d.context_type = 'RETURN' AND d.context_id =", Box::new(r));
+                }
+                if let Some(r) = filter.route {
+                    add("d.route =", Box::new(r));
+                }
+                if let Some(s) = filter.source {
+                    add("e.source =", Box::new(s));
+                }
+                if let Some(t) = filter.since {
+                    add("d.created_at >=", Box::new(t));
+                }
+                if let Some(t) = filter.until {
+                    add("d.created_at <", Box::new(t));
+                }
+                if let Some(a) = filter.after_id {
+                    add("d.id >", Box::new(a));
+                }
+                sql.push_str(&format!(" ORDER BY d.id LIMIT {}", filter.limit.max(1)));
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    args.iter().map(|a| &**a as &(dyn ToSql + Sync)).collect();
+                Ok(c.query(&sql, &params)
+                    .await
+                    .map_err(db_error)?
+                    .iter()
+                    .map(delivery_row)
+                    .collect())
+            })
+        })
+        .await
+    }
+
+    async fn event(&self, id: i64) -> StoreResult<Option<StoredEvent>> {
+        self.with(move |c| Box::pin(async move { event_by_id(&*c, id).await }))
+            .await
+    }
+
+    async fn event_by_source_id(
+        &self,
+        source: String,
+        external_id: String,
+    ) -> StoreResult<Option<StoredEvent>> {
+        self.with(move |c| Box::pin(async move { event_by_key(&*c, &source, &external_id).await }))
+            .await
+    }
+
+    async fn recent_events(&self, limit: usize) -> StoreResult<Vec<StoredEvent>> {
+        self.with(move |c| {
+            Box::pin(async move {
+                let ids: Vec<i64> = c
+                    .query(
+                        "SELECT id FROM events ORDER BY id DESC LIMIT $1",
+                        &[&(limit as i64)],
+                    )
+                    .await
+                    .map_err(db_error)?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                let mut events = Vec::with_capacity(ids.len());
+                for id in ids {
+                    events.extend(event_by_id(&*c, id).await?);
+                }
+                Ok(events)
+            })
+        })
+        .await
+    }
+
+    async fn sends_per_business(&self, since: Millis) -> StoreResult<Vec<(i64, i64)>> {
+        self.with(move |c| {
+            Box::pin(async move {
+                Ok(c.query(
+                    "SELECT business_id, COUNT(*) FROM attempts
+                     WHERE counts_quota AND method = 'send' AND finished_at > $1 GROUP BY business_id",
+                    &[&since],
+                )
+                .await
+                .map_err(db_error)?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+            })
+        })
+        .await
+    }
+
+    async fn requeue(&self, id: i64, message: RenderedMessage, now: Millis) -> StoreResult<()> {
+        self.with(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(db_error)?;
+                lock_business(&tx, message.business_id.0, false).await?;
+                let at = Addressed::find(&tx, message.business_id, message.target).await?;
+                let changed = tx
+                    .execute(
+                        "UPDATE deliveries SET state = 'queued', business_id = $2, chat_id = $3, text = $4,
+                             reason = NULL, queued_at = $5, next_attempt_at = $5, updated_at = $5,
+                             context_type = $6, context_id = $7, conversation = $8
+                         WHERE id = $1 AND state IN ('failed', 'dead', 'cancelled')",
+                        &[
+                            &id,
+                            &message.business_id.0,
+                            &at.chat,
+                            &message.text,
+                            &now,
+                            &at.context_type,
+                            &at.context_id,
+                            &at.conversation,
+                        ],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                if changed == 0 {
+                    return Err(StoreError::Conflict(format!(
+                        "delivery {id} is not failed, dead or cancelled"
+                    )));
+                }
+                tx.commit().await.map_err(db_error)
+            })
+        })
+        .await
+    }
+
+    async fn mark_failed(&self, id: i64, reason: String, now: Millis) -> StoreResult<()> {
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "UPDATE deliveries SET state = 'failed', reason = $2, updated_at = $3
+                     WHERE id = $1 AND state IN ('failed', 'dead', 'cancelled')",
+                    &[&id, &reason, &now],
+                )
+                .await
+                .map(|_| ())
+                .map_err(db_error)
+            })
+        })
+        .await
+    }
+
+    async fn cancel(&self, id: i64, now: Millis) -> StoreResult<()> {
+        self.with(move |c| {
+            Box::pin(async move {
+                let changed = c
+                    .execute(
+                        "UPDATE deliveries SET state = 'cancelled', reason = 'cancelled by an operator',
+                             updated_at = $2
+                         WHERE id = $1 AND state IN ('queued', 'held')",
+                        &[&id, &now],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                if changed == 0 {
+                    let exists = c
+                        .query_opt("SELECT 1 FROM deliveries WHERE id = $1", &[&id])
+                        .await
+                        .map_err(db_error)?
+                        .is_some();
+                    return Err(if exists {
+                        StoreError::Conflict(format!(
+                            "delivery {id} is not queued or held (a delivery being sent cannot be cancelled)"
+                        ))
+                    } else {
+                        StoreError::NotFound(format!("no delivery {id}"))
+                    });
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn queue_summary(&self) -> StoreResult<Vec<BusinessQueue>> {
+        self.with(|c| {
+            Box::pin(async move {
+                Ok(c.query(
+                    "SELECT business_id,
+                            COUNT(*) FILTER (WHERE state = 'queued'),
+                            COUNT(*) FILTER (WHERE state = 'sending'),
+                            COUNT(*) FILTER (WHERE state = 'held'),
+                            COUNT(*) FILTER (WHERE state = 'dead'),
+                            COUNT(*) FILTER (WHERE state = 'failed'),
+                            MIN(queued_at) FILTER (WHERE state = 'queued')
+                     FROM deliveries WHERE business_id IS NOT NULL
+                       AND state IN ('queued', 'sending', 'held', 'dead', 'failed')
+                     GROUP BY business_id ORDER BY business_id",
+                    &[],
+                )
+                .await
+                .map_err(db_error)?
+                .iter()
+                .map(|r| BusinessQueue {
+                    business_id: r.get(0),
+                    queued: r.get(1),
+                    sending: r.get(2),
+                    held: r.get(3),
+                    dead: r.get(4),
+                    failed: r.get(5),
+                    oldest_queued_at: r.get(6),
+                })
+                .collect())
+            })
+        })
+        .await
+    }
+
+    async fn state_counts(&self) -> StoreResult<Vec<(DeliveryState, i64)>> {
+        self.with(|c| {
+            Box::pin(async move {
+                let mut out = Vec::new();
+                for s in DeliveryState::ALL {
+                    if s == DeliveryState::Delivered {
+                        continue;
+                    }
+                    let n: i64 = c
+                        .query_one(
+                            "SELECT COUNT(*) FROM deliveries WHERE state = $1",
+                            &[&s.as_str()],
+                        )
+                        .await
+                        .map_err(db_error)?
+                        .get(0);
+                    out.push((s, n));
+                }
+                Ok(out)
+            })
+        })
+        .await
+    }
+
+    async fn prune(&self, before: Millis, batch: usize) -> StoreResult<u64> {
+        self.with(move |client| {
+            Box::pin(async move {
+                let tx = client.transaction().await.map_err(db_error)?;
+                let ids: Vec<i64> = tx
+                    .query(
+                        "SELECT e.id FROM events e
+                         WHERE e.received_at < $1 AND NOT EXISTS (
+                             SELECT 1 FROM deliveries d
+                             WHERE d.event_id = e.id AND d.state IN ('queued', 'sending', 'held'))
+                         ORDER BY e.received_at LIMIT $2
+                         FOR UPDATE SKIP LOCKED",
+                        &[&before, &(batch as i64)],
+                    )
+                    .await
+                    .map_err(db_error)?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                tx.execute(
+                    "DELETE FROM attempts WHERE delivery_id IN (
+                         SELECT id FROM deliveries WHERE event_id = ANY($1))",
+                    &[&ids],
+                )
+                .await
+                .map_err(db_error)?;
+                tx.execute("DELETE FROM deliveries WHERE event_id = ANY($1)", &[&ids])
+                    .await
+                    .map_err(db_error)?;
+                let n = tx
+                    .execute("DELETE FROM events WHERE id = ANY($1)", &[&ids])
+                    .await
+                    .map_err(db_error)?;
+                // Slots and pauses older than the retention count for nothing.
+                tx.execute("DELETE FROM quota_slots WHERE taken_at < $1", &[&before])
+                    .await
+                    .map_err(db_error)?;
+                tx.execute("DELETE FROM method_pauses WHERE until_at < $1", &[&before])
+                    .await
+                    .map_err(db_error)?;
+                tx.commit().await.map_err(db_error)?;
+                Ok(n)
+            })
+        })
+        .await
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.with(|c| {
+            Box::pin(async move {
+                c.query_one("SELECT 1", &[]).await.map_err(db_error)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,92 @@
+-- The PostgreSQL schema, as numbered migrations. Each part between
+-- `-- migration N` lines runs once, in order, in one transaction, under an
+-- advisory lock (several instances may start at once). Only ever append:
+-- an older chatbridge must keep working on a newer schema during a rolling
+-- restart (add columns with defaults and tables; never drop or rename).
+
+-- migration 1
+CREATE TABLE events (
+    id          BIGSERIAL PRIMARY KEY,
+    source      TEXT NOT NULL,
+    external_id TEXT NOT NULL,
+    event_type  TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    received_at BIGINT NOT NULL,
+    UNIQUE (source, external_id)
+);
+CREATE INDEX events_received ON events (received_at);
+CREATE TABLE deliveries (
+    id              BIGSERIAL PRIMARY KEY,
+    event_id        BIGINT NOT NULL REFERENCES events(id),
+    route           TEXT NOT NULL,
+    template        TEXT NOT NULL,
+    business_id     BIGINT,
+    chat_id         BIGINT,
+    text            TEXT,
+    state           TEXT NOT NULL,
+    reason          TEXT,
+    attempts        BIGINT NOT NULL DEFAULT 0,
+    created_at      BIGINT NOT NULL,
+    queued_at       BIGINT NOT NULL,
+    next_attempt_at BIGINT NOT NULL,
+    lease_until     BIGINT,
+    updated_at      BIGINT NOT NULL,
+    delivered_at    BIGINT,
+    context_type    TEXT,
+    context_id      BIGINT,
+    conversation    TEXT,
+    claim_token     BIGINT
+);
+CREATE INDEX deliveries_due ON deliveries (business_id, next_attempt_at, id) WHERE state = 'queued';
+CREATE INDEX deliveries_conversation_open ON deliveries (business_id, conversation, id)
+    WHERE state IN ('queued', 'sending', 'held');
+CREATE INDEX deliveries_leased ON deliveries (lease_until) WHERE state = 'sending';
+CREATE INDEX deliveries_sending ON deliveries (business_id) WHERE state = 'sending';
+CREATE INDEX deliveries_held ON deliveries (business_id, id) WHERE state = 'held';
+CREATE INDEX deliveries_event ON deliveries (event_id);
+CREATE INDEX deliveries_state ON deliveries (state, id);
+CREATE INDEX deliveries_context ON deliveries (context_id, context_type) WHERE context_id IS NOT NULL;
+CREATE TABLE chat_contexts (
+    business_id  BIGINT NOT NULL,
+    context_type TEXT NOT NULL,
+    context_id   BIGINT NOT NULL,
+    chat_id      BIGINT NOT NULL,
+    found_at     BIGINT NOT NULL,
+    PRIMARY KEY (business_id, context_type, context_id)
+);
+CREATE TABLE attempts (
+    id           BIGSERIAL PRIMARY KEY,
+    delivery_id  BIGINT NOT NULL REFERENCES deliveries(id),
+    business_id  BIGINT NOT NULL,
+    method       TEXT NOT NULL,
+    started_at   BIGINT NOT NULL,
+    finished_at  BIGINT NOT NULL,
+    latency_ms   BIGINT NOT NULL,
+    http_status  INTEGER,
+    outcome      TEXT NOT NULL,
+    api_errors   TEXT NOT NULL,
+    error        TEXT,
+    counts_quota BOOLEAN NOT NULL
+);
+CREATE INDEX attempts_delivery ON attempts (delivery_id, id);
+CREATE INDEX attempts_quota ON attempts (business_id, method, finished_at) WHERE counts_quota;
+-- Claim tokens (see store/mod.rs `Claimed::claim_token`).
+CREATE SEQUENCE claim_tokens;
+-- One row per quota-counted Market call, written by the claim (so a crash
+-- between send and record keeps the slot), moved to the answer's time by
+-- `record`, deleted when the Market did not count the call.
+CREATE TABLE quota_slots (
+    claim_token BIGINT PRIMARY KEY,
+    delivery_id BIGINT NOT NULL,
+    business_id BIGINT NOT NULL,
+    method      TEXT NOT NULL,
+    taken_at    BIGINT NOT NULL
+);
+CREATE INDEX quota_slots_window ON quota_slots (business_id, method, taken_at);
+-- A method's 420 pause, seen by every instance.
+CREATE TABLE method_pauses (
+    business_id BIGINT NOT NULL,
+    method      TEXT NOT NULL,
+    until_at    BIGINT NOT NULL,
+    PRIMARY KEY (business_id, method)
+);
