@@ -177,6 +177,12 @@ pub(crate) async fn claim_send_record(
                 sends: 1,
                 chat_lookups: 0,
                 total: 1,
+                caps: chatbridge::store::SharedCaps {
+                    max_in_flight: 1,
+                    send_limit: u32::MAX,
+                    lookup_limit: 0,
+                    window_ms: 3_600_000,
+                },
             },
             false,
         )
@@ -212,6 +218,7 @@ pub(crate) async fn claim_send_record(
         .record(
             Attempt {
                 delivery_id: c.id,
+                claim_token: c.claim_token,
                 business_id: c.business_id,
                 method: MarketMethod::SendMessage,
                 started_at: now,

@@ -42,6 +42,7 @@ const SCHEMA: &str = include_str!("postgres/schema.sql");
 /// Advisory lock namespaces (the first key of the two-key form).
 const MIGRATE_LOCK: i32 = 0x6362_0001;
 const BUSINESS_LOCK: i32 = 0x6362_0002;
+const SUBJECT_LOCK: i32 = 0x6362_0003;
 
 pub struct PostgresStore {
     pool: Pool,
@@ -308,7 +309,8 @@ async fn event_by_key(
 async fn event_by_id(c: &impl GenericClient, id: i64) -> StoreResult<Option<StoredEvent>> {
     let Some(r) = c
         .query_opt(
-            "SELECT id, source, external_id, event_type, payload, received_at FROM events WHERE id = $1",
+            "SELECT id, source, external_id, event_type, payload, received_at, business_id
+             FROM events WHERE id = $1",
             &[&id],
         )
         .await
@@ -338,6 +340,7 @@ async fn event_by_id(c: &impl GenericClient, id: i64) -> StoreResult<Option<Stor
         payload: r.get(4),
         received_at: r.get(5),
         deliveries,
+        business_id: r.get::<_, Option<i64>>(6).map(BusinessId),
     }))
 }
 
@@ -455,6 +458,39 @@ async fn remember_chat(
     .await
     .map_err(db_error)?;
     Ok(())
+}
+
+/// Why an event about `ordering.subject` must send nothing: a stored event
+/// of the same source and subject happened later (as in sqlite.rs).
+async fn later_news(
+    c: &impl GenericClient,
+    source: &str,
+    ordering: &EventOrdering,
+    this_event: i64,
+) -> StoreResult<Option<String>> {
+    let later = c
+        .query_opt(
+            "SELECT id, event_type, happened_at FROM events
+             WHERE source = $1 AND subject = $2 AND happened_at > $3 AND id <> $4
+             ORDER BY happened_at DESC LIMIT 1",
+            &[
+                &source,
+                &ordering.subject,
+                &ordering.happened_at,
+                &this_event,
+            ],
+        )
+        .await
+        .map_err(db_error)?;
+    Ok(later.map(|r| {
+        let (id, event_type, at): (i64, String, i64) = (r.get(0), r.get(1), r.get(2));
+        format!(
+            "stale: this notification about {} happened at {}, but event {id} ({event_type}) about it happened later, at {}; not sent, so the buyer does not hear old news after new",
+            ordering.subject,
+            to_rfc3339(ordering.happened_at),
+            to_rfc3339(at)
+        )
+    }))
 }
 
 fn outcome_name(verdict: &Verdict) -> &'static str {
@@ -579,10 +615,22 @@ impl Store for PostgresStore {
                 for b in &businesses {
                     lock_business(&tx, *b, false).await?;
                 }
+                if let Some(o) = &event.ordering {
+                    // Two notifications about one subject accepted at once
+                    // by two instances: the later-stored one must see the other.
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                        &[&SUBJECT_LOCK, &format!("{}\n{}", event.source, o.subject)],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                }
                 let inserted = tx
                     .query_opt(
-                        "INSERT INTO events (source, external_id, event_type, payload, received_at)
-                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (source, external_id) DO NOTHING
+                        "INSERT INTO events (source, external_id, event_type, payload, received_at,
+                             business_id, subject, happened_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                         ON CONFLICT (source, external_id) DO NOTHING
                          RETURNING id",
                         &[
                             &event.source,
@@ -590,6 +638,9 @@ impl Store for PostgresStore {
                             &event.event_type,
                             &event.payload,
                             &event.received_at,
+                            &event.business_id.map(|b| b.0),
+                            &event.ordering.as_ref().map(|o| o.subject.as_str()),
+                            &event.ordering.as_ref().map(|o| o.happened_at),
                         ],
                     )
                     .await
@@ -604,6 +655,10 @@ impl Store for PostgresStore {
                         .ok_or_else(|| StoreError::Database("duplicate event vanished".into()));
                 };
                 let event_id: i64 = inserted.get(0);
+                let superseded = match &event.ordering {
+                    Some(o) => later_news(&tx, &event.source, o, event_id).await?,
+                    None => None,
+                };
                 let stmt = tx
                     .prepare(
                         "INSERT INTO deliveries (event_id, route, template, business_id, chat_id, text, state,
@@ -616,14 +671,20 @@ impl Store for PostgresStore {
                     .map_err(db_error)?;
                 let mut deliveries = Vec::with_capacity(event.deliveries.len());
                 for d in &event.deliveries {
-                    let (business, text, state, reason) = match &d.rendered {
-                        Ok(m) => (
+                    let (business, text, state, reason) = match (&d.rendered, &superseded) {
+                        (Ok(m), Some(why)) => (
+                            Some(m.business_id.0),
+                            Some(m.text.as_str()),
+                            DeliveryState::Cancelled,
+                            Some(why.as_str()),
+                        ),
+                        (Ok(m), None) => (
                             Some(m.business_id.0),
                             Some(m.text.as_str()),
                             DeliveryState::Queued,
                             None,
                         ),
-                        Err(f) => (
+                        (Err(f), _) => (
                             f.business_id.map(|b| b.0),
                             None,
                             DeliveryState::Failed,
@@ -674,6 +735,7 @@ impl Store for PostgresStore {
                     payload: event.payload,
                     received_at: event.received_at,
                     deliveries,
+                    business_id: event.business_id,
                 }))
             })
         })
@@ -1406,6 +1468,65 @@ impl Store for PostgresStore {
                     .map_err(db_error)?;
                 tx.commit().await.map_err(db_error)?;
                 Ok(n)
+            })
+        })
+        .await
+    }
+
+    async fn campaign_business(&self, campaign: i64) -> StoreResult<Option<BusinessId>> {
+        self.with(move |c| {
+            Box::pin(async move {
+                Ok(c.query_opt(
+                    "SELECT business_id FROM market_campaigns WHERE campaign_id = $1",
+                    &[&campaign],
+                )
+                .await
+                .map_err(db_error)?
+                .map(|r| BusinessId(r.get(0))))
+            })
+        })
+        .await
+    }
+
+    async fn remember_campaign(
+        &self,
+        campaign: i64,
+        business: BusinessId,
+        now: Millis,
+    ) -> StoreResult<()> {
+        self.with(move |c| {
+            Box::pin(async move {
+                c.execute(
+                    "INSERT INTO market_campaigns (campaign_id, business_id, learnt_at)
+                     VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&campaign, &business.0, &now],
+                )
+                .await
+                .map(|_| ())
+                .map_err(db_error)
+            })
+        })
+        .await
+    }
+
+    async fn queue_waits(&self, business: BusinessId, now: Millis) -> StoreResult<QueueWaits> {
+        self.with(move |c| {
+            Box::pin(async move {
+                let r = c
+                    .query_one(
+                        &format!(
+                            "SELECT COUNT(*) FILTER (WHERE NOT ({HEAD})),
+                                    COUNT(*) FILTER (WHERE ({HEAD}) AND d.next_attempt_at > $2)
+                             FROM deliveries d WHERE d.state = 'queued' AND d.business_id = $1"
+                        ),
+                        &[&business.0, &now],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                Ok(QueueWaits {
+                    behind_chat: r.get(0),
+                    not_yet_due: r.get(1),
+                })
             })
         })
         .await

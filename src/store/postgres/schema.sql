@@ -90,3 +90,17 @@ CREATE TABLE method_pauses (
     until_at    BIGINT NOT NULL,
     PRIMARY KEY (business_id, method)
 );
+
+-- migration 2
+-- The Market's notifications (as SQLite migration 4): the business a
+-- campaign belongs to, the business resolved for an event, and when an
+-- event happened to its subject, to spot statuses that arrive late.
+CREATE TABLE market_campaigns (
+    campaign_id BIGINT PRIMARY KEY,
+    business_id BIGINT NOT NULL,
+    learnt_at   BIGINT NOT NULL
+);
+ALTER TABLE events ADD COLUMN business_id BIGINT;
+ALTER TABLE events ADD COLUMN subject TEXT;
+ALTER TABLE events ADD COLUMN happened_at BIGINT;
+CREATE INDEX events_subject ON events (source, subject, happened_at) WHERE subject IS NOT NULL;

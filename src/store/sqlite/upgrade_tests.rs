@@ -39,6 +39,12 @@ async fn an_old_database_is_upgraded_in_place_and_its_queue_keeps_its_chat_order
         sends: 10,
         chat_lookups: 10,
         total: 10,
+        caps: crate::store::SharedCaps {
+            max_in_flight: 10,
+            send_limit: 10,
+            lookup_limit: 10,
+            window_ms: 3_600_000,
+        },
     };
     let claimed = store
         .claim(BusinessId(111), 2000, 60_000, limits, false)
