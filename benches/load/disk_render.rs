@@ -43,6 +43,7 @@ pub(crate) fn render_rate(report: &mut Report, sample: &Value, secs: f64) -> Res
         event_type: "order.shipped".into(),
         id: "evt-1001".into(),
         received_at: to_rfc3339(now_ms()),
+        business_id: None,
     };
     // Routing + business/chat id templates + the text, as ingest does.
     let planned = pipeline.plan(sample, &meta);

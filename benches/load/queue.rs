@@ -330,6 +330,7 @@ pub(crate) fn queue_phases(
         event_type: "order.shipped".into(),
         id: "evt-1001".into(),
         received_at: to_rfc3339(now_ms()),
+        business_id: None,
     };
     let text = pipeline
         .renderer
