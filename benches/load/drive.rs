@@ -44,10 +44,11 @@ pub(crate) async fn exchange(
     }
 }
 
-/// Posts webhooks `0..max` over `connections` keep-alive connections until
-/// all are sent or `secs` have passed.
+/// Posts webhooks `0..max` over `connections` keep-alive connections
+/// (spread over `addrs`: several instances) until all are sent or `secs`
+/// have passed.
 pub(crate) fn run_load(
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     hooks: &Webhooks,
     connections: usize,
     secs: f64,
@@ -63,7 +64,10 @@ pub(crate) fn run_load(
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(secs);
     rt.block_on(async {
-        let conn = |_: usize| async {
+        // Each connection's future takes these by reference.
+        let (next, result) = (&next, &result);
+        let conn = |k: usize| async move {
+            let addr = addrs[k % addrs.len()];
             let mut stream: Option<tokio::net::TcpStream> = None;
             let mut buf = Vec::with_capacity(4096);
             let mut latencies = Vec::with_capacity(4096);

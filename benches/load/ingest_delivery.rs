@@ -3,25 +3,30 @@
 use super::*;
 
 /// Ingest alone, then the dispatcher alone on that backlog; then, on a
-/// fresh store, both at once and the count check. Returns the service's
-/// peak RSS.
+/// fresh store, both at once and the count check, with `instances`
+/// services on it (one, then two on PostgreSQL). Returns the service's
+/// peak RSS and the end-to-end rate.
 pub(crate) fn load_phases(
     report: &mut Report,
     plan: &Plan,
+    backend: &Backend,
     dir: &Path,
     sample: &Value,
-) -> Result<u64, String> {
-    let db = dir.join("ingest.db");
+) -> Result<(u64, f64), String> {
+    let db = backend.fresh("ingest")?;
     let (mut fake, market) = start_fake(dir)?;
 
     // The disk changes under other loads: look at it again just before.
     fsync_latency(report, dir, plan.fsync_writes / 2, "before ingest")?;
 
     // 1. Ingest with the dispatcher paused by its quota (1 send per business per hour).
-    log("ingest: service with market.hourly_limit = 1 (dispatcher paused)");
+    log(format!(
+        "ingest ({}): service with market.hourly_limit = 1 (dispatcher paused)",
+        backend.name()
+    ));
     let (mut svc, addr, _, _) = start_service(dir, &db, market, "1")?;
     let warm = run_load(
-        addr,
+        &[addr],
         &Webhooks::new(sample, addr, "warm", 0),
         CONNECTIONS,
         10.0,
@@ -31,7 +36,7 @@ pub(crate) fn load_phases(
     let pid = svc.pid().to_string();
     let cpu0 = cpu_secs(&pid);
     let ingest = run_load(
-        addr,
+        &[addr],
         &Webhooks::new(sample, addr, "ingest", 1_000),
         CONNECTIONS,
         plan.ingest_secs,
@@ -42,7 +47,10 @@ pub(crate) fn load_phases(
     check_load(report, "ingest", &ingest);
     let (hwm_ingest, _) = memory_kib(svc.pid());
     svc.stop();
-    let sec = "ingest (64 connections, dispatcher paused)";
+    let sec = &format!(
+        "ingest, {} (64 connections, dispatcher paused)",
+        backend.name()
+    );
     let rate = ingest.rate();
     report.target(
         sec,
@@ -98,7 +106,7 @@ pub(crate) fn load_phases(
     fake.stop();
     let drained = after - before;
     let drain_secs = done.duration_since(t1).as_secs_f64();
-    let sec = "delivery (fake Market, limits off; 50 businesses, 4 in flight each)";
+    let sec = &delivery_section(backend);
     report.row(
         sec,
         format!(
@@ -121,18 +129,56 @@ pub(crate) fn load_phases(
     );
     report.row(sec, "  service peak RSS (VmHWM)", mib(hwm_drain));
 
+    let (hwm_e2e, e2e_rate) = end_to_end(report, plan, backend, dir, sample, 1)?;
+    Ok((hwm_ingest.max(hwm_drain).max(hwm_e2e), e2e_rate))
+}
+
+fn delivery_section(backend: &Backend) -> String {
+    format!(
+        "delivery, {} (fake Market, limits off; 50 businesses, 4 in flight each)",
+        backend.name()
+    )
+}
+
+/// End to end on a fresh store and fake Market: webhooks in (spread over
+/// `instances` services on the one store) while the dispatchers deliver,
+/// until every accepted one is delivered; then the count check. Returns
+/// the services' peak RSS (the largest) and the messages per second.
+pub(crate) fn end_to_end(
+    report: &mut Report,
+    plan: &Plan,
+    backend: &Backend,
+    dir: &Path,
+    sample: &Value,
+    instances: usize,
+) -> Result<(u64, f64), String> {
+    let sec = &delivery_section(backend);
     // 3. End to end on a fresh store and fake Market: webhooks in while the
     // dispatcher delivers, until every accepted one is delivered.
-    log("end to end: webhooks in while delivering, fresh store");
-    let db = dir.join("e2e.db");
+    log(format!(
+        "end to end ({}, {instances} instance(s)): webhooks in while delivering, fresh store",
+        backend.name()
+    ));
+    let db = backend.fresh(&format!("e2e-{instances}"))?;
     let (mut fake, market) = start_fake(dir)?;
-    let (mut svc, addr, _, _) = start_service(dir, &db, market, NO_LIMIT)?;
-    let pid = svc.pid().to_string();
-    let cpu0 = cpu_secs(&pid);
+    let mut services = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..instances {
+        let (svc, addr, _, _) = start_service(dir, &db, market, NO_LIMIT)?;
+        services.push(svc);
+        addrs.push(addr);
+    }
+    let service_cpu = |services: &[Proc]| {
+        services
+            .iter()
+            .map(|s| cpu_secs(&s.pid().to_string()))
+            .sum::<f64>()
+    };
+    let cpu0 = service_cpu(&services);
     let t0 = Instant::now();
     let e2e = run_load(
-        addr,
-        &Webhooks::new(sample, addr, "e2e", 10_000_000),
+        &addrs,
+        &Webhooks::new(sample, addrs[0], "e2e", 10_000_000),
         CONNECTIONS,
         plan.e2e_secs,
         plan.e2e_max,
@@ -144,22 +190,26 @@ pub(crate) fn load_phases(
         accepted,
         Duration::from_secs_f64(plan.e2e_wait_secs),
     )?;
-    let svc_cpu = cpu_secs(&pid) - cpu0;
-    svc.alive()?;
+    let svc_cpu = service_cpu(&services) - cpu0;
+    for svc in services.iter_mut() {
+        svc.alive()?;
+    }
     let e2e_secs = done.duration_since(t0).as_secs_f64();
     let e2e_rate = delivered as f64 / e2e_secs;
-    report.target(
-        sec,
-        format!(
-            "end to end: {} webhooks in {:.1} s, delivered after {:.1} s",
-            thousands(accepted as f64),
-            e2e.elapsed.as_secs_f64(),
-            e2e_secs
-        ),
-        format!("{} msg/s", thousands(e2e_rate)),
-        "≥ 10,000 /s",
-        e2e_rate >= 10_000.0,
+    let metric = format!(
+        "end to end, {instances} instance(s): {} webhooks in {:.1} s, delivered after {:.1} s",
+        thousands(accepted as f64),
+        e2e.elapsed.as_secs_f64(),
+        e2e_secs
     );
+    let value = format!("{} msg/s", thousands(e2e_rate));
+    match backend {
+        // PostgreSQL's targets compare it with SQLite's run (see main).
+        Backend::Postgres { .. } => report.row(sec, metric, value),
+        Backend::Sqlite { .. } => {
+            report.target(sec, metric, value, "≥ 10,000 /s", e2e_rate >= 10_000.0)
+        }
+    }
     let l = &e2e.latencies_us;
     report.row(
         sec,
@@ -174,15 +224,19 @@ pub(crate) fn load_phases(
     );
     report.row(
         sec,
-        "  CPU: service per message (in + out)",
+        "  CPU: service per message (in + out, all instances)",
         format!("{:.0} µs", svc_cpu * 1e6 / delivered.max(1) as f64),
     );
 
     // The count check: the fake Market's counts and the store's.
-    let (hwm_e2e, _) = memory_kib(svc.pid());
+    let hwm_e2e = services
+        .iter()
+        .map(|s| memory_kib(s.pid()).0)
+        .max()
+        .unwrap_or(0);
     std::thread::sleep(Duration::from_millis(300));
     let (requests_late, delivered_late) = fake_counts(market)?;
-    let counts = db_counts(&db)?;
+    let counts = backend.counts(&db)?;
     let store_delivered = counts.states.get("delivered").copied().unwrap_or(0);
     let not_delivered: Vec<String> = counts
         .states
@@ -228,7 +282,9 @@ pub(crate) fn load_phases(
             thousands(delivered_late as f64)
         ),
     );
-    svc.stop();
+    for svc in services.iter_mut() {
+        svc.stop();
+    }
     fake.stop();
-    Ok(hwm_ingest.max(hwm_drain).max(hwm_e2e))
+    Ok((hwm_e2e, e2e_rate))
 }

@@ -24,18 +24,24 @@
 //!   queued deliveries (50 businesses × 1,000 chats): `Store::claim` + a
 //!   send + `Store::record` on each (alternating, in process), the
 //!   service's time from start to its first delivery on each, and its
-//!   memory, ingest and `/metrics` while it works with 1M queued.
+//!   memory, ingest and `/metrics` while it works with 1M queued;
+//! - postgres: load and queue again on PostgreSQL, plus the end to end
+//!   with two instances on one database; its rate against SQLite's.
 //!
 //! Environment: `BENCH_QUICK=1`; `BENCH_DIR=path` puts the stores there
 //! (default: the system temp dir); `BENCH_KEEP=1` keeps them (and the
 //! service logs); `BENCH_BIN=path` runs another build of the binary (to
 //! compare a change); `BENCH_STRICT=1` exits 1 when a target is missed too;
-//! `BENCH_ONLY=disk,render,load,queue` runs only the steps named.
+//! `BENCH_ONLY=disk,render,load,queue,postgres` runs only the steps named;
+//! `BENCH_POSTGRES_URL=postgres://...` (else `CHATBRIDGE_TEST_POSTGRES_URL`)
+//! names the PostgreSQL server for the `postgres` step, which makes a
+//! database per phase on it and drops them at the end (skipped, saying
+//! so, when neither is set).
 //! Every loop is bounded in count and time; every address is 127.0.0.1;
 //! the child processes die with this one.
 //!
 //! Files: one per phase (`disk_render.rs`, `ingest_delivery.rs`,
-//! `queue.rs`) and what they share: `report.rs` (the plan and the table),
+//! `queue.rs`) and what they share: `backend.rs` (SQLite or PostgreSQL), `report.rs` (the plan and the table),
 //! `procs.rs` (child processes), `http.rs` (a raw HTTP client), `drive.rs`
 //! (webhooks over many connections). This file runs the phases in order.
 // The modules share one namespace through `use super::*`: they were one
@@ -58,6 +64,7 @@ pub(crate) use chatbridge::store::{Attempt, ClaimLimits, SqliteStore, Store, Ver
 pub(crate) use serde_json::Value;
 pub(crate) use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod backend;
 mod disk_render;
 mod drive;
 mod http;
@@ -65,6 +72,7 @@ mod ingest_delivery;
 mod procs;
 mod queue;
 mod report;
+use backend::*;
 use disk_render::*;
 use drive::*;
 use http::*;
@@ -122,6 +130,62 @@ fn source_revision() -> String {
     }
 }
 
+/// The load and queue phases again on PostgreSQL (a database made for each,
+/// dropped at the end), and the end to end with two instances on one
+/// database; compared with SQLite's end to end when that ran.
+fn postgres_phases(
+    report: &mut Report,
+    plan: &Plan,
+    dir: &Path,
+    sample: &Value,
+    sample_body: &str,
+    sqlite_e2e: Option<f64>,
+) -> Result<(), String> {
+    let sec = "PostgreSQL";
+    let Some(admin_url) = postgres_url() else {
+        report.row(
+            sec,
+            "skipped: no server named",
+            "set BENCH_POSTGRES_URL (or CHATBRIDGE_TEST_POSTGRES_URL)",
+        );
+        return Ok(());
+    };
+    let backend = Backend::Postgres {
+        admin_url: admin_url.clone(),
+        made: RefCell::default(),
+    };
+    report.row(
+        sec,
+        format!("server {}", chatbridge::store::redact_url(&admin_url)),
+        backend.describe()?,
+    );
+    let (peak, one) = load_phases(report, plan, &backend, dir, sample)?;
+    let (peak_two, two) = end_to_end(report, plan, &backend, dir, sample, 2)?;
+    let peak_queue = queue_phases(report, plan, &backend, dir, sample, sample_body)?;
+    report.row(
+        sec,
+        "service peak RSS (VmHWM): load; 1M queued",
+        format!("{}; {}", mib(peak.max(peak_two)), mib(peak_queue)),
+    );
+    if let Some(sqlite) = sqlite_e2e {
+        report.target(
+            sec,
+            "end to end, one instance: PostgreSQL ÷ SQLite",
+            format!("{:.2}×", one / sqlite),
+            "≥ 0.5×",
+            one >= sqlite / 2.0,
+        );
+    }
+    report.target(
+        sec,
+        "end to end: two instances ÷ one (sharing 2 cores with the database)",
+        format!("{:.2}×", two / one),
+        "≥ 1×",
+        two >= one,
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick")
@@ -168,6 +232,9 @@ fn main() -> ExitCode {
 
     let mut peak_load = None;
     let mut peak_big = None;
+    // Set by the load step, read by the postgres step.
+    let sqlite_e2e = Cell::new(None);
+    let sqlite = Backend::Sqlite { dir: dir.clone() };
     type Step<'a> = Box<dyn FnOnce(&mut Report) -> Result<(), String> + 'a>;
     let steps: Vec<(&str, Step)> = vec![
         (
@@ -181,16 +248,29 @@ fn main() -> ExitCode {
         (
             "load",
             Box::new(|r| {
-                peak_load = Some(load_phases(r, &plan, &dir, &sample)?);
+                let (peak, rate) = load_phases(r, &plan, &sqlite, &dir, &sample)?;
+                peak_load = Some(peak);
+                sqlite_e2e.set(Some(rate));
                 Ok(())
             }),
         ),
         (
             "queue",
             Box::new(|r| {
-                peak_big = Some(queue_phases(r, &plan, &dir, &sample, &sample_body)?);
+                peak_big = Some(queue_phases(
+                    r,
+                    &plan,
+                    &sqlite,
+                    &dir,
+                    &sample,
+                    &sample_body,
+                )?);
                 Ok(())
             }),
+        ),
+        (
+            "postgres",
+            Box::new(|r| postgres_phases(r, &plan, &dir, &sample, &sample_body, sqlite_e2e.get())),
         ),
         (
             "disk",

@@ -130,10 +130,11 @@ pub(crate) fn start_fake(dir: &Path) -> Result<(Proc, SocketAddr), String> {
     Ok((p, addr))
 }
 
-/// Starts `chatbridge serve` on `db`; returns it once `/healthz` answers.
+/// Starts `chatbridge serve` on the store `storage_url`; returns it once
+/// `/healthz` answers.
 pub(crate) fn start_service(
     dir: &Path,
-    db: &Path,
+    storage_url: &str,
     market: SocketAddr,
     hourly_limit: &str,
 ) -> Result<(Proc, SocketAddr, Instant, Duration), String> {
@@ -151,15 +152,12 @@ pub(crate) fn start_service(
             cmd.env_remove(k);
         }
     }
-    cmd.env(
-        "CHATBRIDGE__STORAGE__URL",
-        format!("sqlite://{}", db.display()),
-    )
-    .env("CHATBRIDGE__SERVER__LISTEN", addr.to_string())
-    .env("CHATBRIDGE__MARKET__BASE_URL", format!("http://{market}"))
-    .env("CHATBRIDGE__MARKET__API_KEY", API_KEY)
-    .env("CHATBRIDGE__MARKET__HOURLY_LIMIT", hourly_limit)
-    .env("CHATBRIDGE__MARKET__MAX_IN_FLIGHT", "4");
+    cmd.env("CHATBRIDGE__STORAGE__URL", storage_url)
+        .env("CHATBRIDGE__SERVER__LISTEN", addr.to_string())
+        .env("CHATBRIDGE__MARKET__BASE_URL", format!("http://{market}"))
+        .env("CHATBRIDGE__MARKET__API_KEY", API_KEY)
+        .env("CHATBRIDGE__MARKET__HOURLY_LIMIT", hourly_limit)
+        .env("CHATBRIDGE__MARKET__MAX_IN_FLIGHT", "4");
     let spawned = Instant::now();
     let child = die_with_parent(&mut cmd)
         .spawn()

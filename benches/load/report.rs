@@ -65,7 +65,7 @@ impl Plan {
 // ───────────────────────── report ─────────────────────────
 
 pub(crate) struct Row {
-    pub(crate) section: &'static str,
+    pub(crate) section: String,
     pub(crate) metric: String,
     pub(crate) value: String,
     pub(crate) target: String,
@@ -82,12 +82,12 @@ pub(crate) struct Report {
 impl Report {
     pub(crate) fn row(
         &mut self,
-        section: &'static str,
+        section: impl Into<String>,
         metric: impl Into<String>,
         value: impl Into<String>,
     ) {
         self.rows.push(Row {
-            section,
+            section: section.into(),
             metric: metric.into(),
             value: value.into(),
             target: String::new(),
@@ -97,14 +97,14 @@ impl Report {
 
     pub(crate) fn target(
         &mut self,
-        section: &'static str,
+        section: impl Into<String>,
         metric: impl Into<String>,
         value: impl Into<String>,
         target: impl Into<String>,
         ok: bool,
     ) {
         self.rows.push(Row {
-            section,
+            section: section.into(),
             metric: metric.into(),
             value: value.into(),
             target: target.into(),
@@ -137,10 +137,10 @@ impl Report {
             .map(|r| r.target.chars().count())
             .max()
             .unwrap_or(0);
-        let mut sections: Vec<&'static str> = Vec::new();
+        let mut sections: Vec<&str> = Vec::new();
         for r in &self.rows {
-            if !sections.contains(&r.section) {
-                sections.push(r.section);
+            if !sections.contains(&r.section.as_str()) {
+                sections.push(&r.section);
             }
         }
         println!();
