@@ -59,6 +59,17 @@ impl Application {
             .map_err(|e| anyhow::anyhow!("storage.url {url:?}: {e}"))?;
         let store = crate::store::open(&settings.storage)
             .map_err(|e| anyhow::anyhow!("storage.url {url:?}: {e}"))?;
+        let metrics = Arc::new(Metrics::new());
+        let store_health = Arc::new(crate::store::health::StoreHealth::new(
+            options.clock.clone(),
+            metrics.store_up.clone(),
+            &settings.storage.url,
+        ));
+        let store: Arc<dyn crate::store::Store> = Arc::new(crate::store::health::Watched::new(
+            store,
+            store_health.clone(),
+        ));
+        let ping_timeout = Duration::from_secs(settings.storage.connect_timeout_secs.max(1));
         let listen = settings.server.listen.clone();
         let workers = match settings.server.workers {
             0 => std::thread::available_parallelism()
@@ -78,11 +89,11 @@ impl Application {
         let started_with = settings.clone();
         let pipeline = Arc::new(ArcSwap::from_pointee(pipeline));
         let wake = Arc::new(Notify::new());
-        let metrics = Arc::new(Metrics::new());
         let dispatch_status = Arc::new(dispatch::status::DispatchStatus::default());
         let state = web::Data::new(AppState {
             pipeline: pipeline.clone(),
             store: store.clone(),
+            store_health: store_health.clone(),
             clock: options.clock.clone(),
             wake: wake.clone(),
             metrics: metrics.clone(),
@@ -129,7 +140,10 @@ impl Application {
                     web::post().to(ingest::market::receive),
                 )
                 .route("/healthz", web::get().to(healthz))
-                .route("/readyz", web::get().to(readyz))
+                .route(
+                    "/readyz",
+                    web::get().to(move |state| readyz(state, ping_timeout)),
+                )
                 .route("/metrics", web::get().to(metrics_text))
                 .service(admin::scope())
                 .service(ui::scope())
@@ -163,6 +177,7 @@ impl Application {
             wake,
             metrics,
             dispatch_status,
+            store_health,
         );
         Ok(Self {
             addr,
@@ -250,9 +265,12 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// Ready when the store answers and a configuration is loaded; names the
-/// configuration in force and the last reload's failure, if any.
-async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+/// Ready when the store takes a write within `ping_timeout`
+/// (`storage.connect_timeout_secs`, so an unreachable database is reported
+/// promptly) and a configuration is loaded; names the configuration in
+/// force and the last reload's failure, if any. Not ready: 503 with why
+/// the store is unavailable and since when.
+async fn readyz(state: web::Data<AppState>, ping_timeout: Duration) -> HttpResponse {
     let version = state.pipeline.load().version.clone();
     let reload = state
         .reload
@@ -260,41 +278,79 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         .lock()
         .map(|s| s.clone())
         .unwrap_or_default();
-    match state.store.ping().await {
+    let seen = state.store_health.generation();
+    let pinged = match tokio::time::timeout(ping_timeout, state.store.ping()).await {
+        Ok(result) => result,
+        Err(_) => {
+            let e = crate::store::StoreError::Unavailable(format!(
+                "no answer within {} s (storage.connect_timeout_secs)",
+                ping_timeout.as_secs()
+            ));
+            state.store_health.failed(seen, &e);
+            Err(e)
+        }
+    };
+    match pinged {
         Ok(()) => HttpResponse::Ok().json(json!({
             "status": "ready", "config_version": version, "reload": reload
         })),
-        Err(e) => HttpResponse::ServiceUnavailable().json(json!({
-            "status": "unavailable", "config_version": version, "reload": reload, "store": e.to_string()
-        })),
+        Err(e) => {
+            let outage = state.store_health.outage();
+            HttpResponse::ServiceUnavailable().json(json!({
+                "status": "unavailable",
+                "config_version": version,
+                "reload": reload,
+                "store": e.to_string(),
+                "store_unavailable_since": outage.as_ref().map(|o| crate::clock::to_rfc3339(o.since)),
+                "refused_webhooks": outage.map(|o| o.refused),
+            }))
+        }
     }
 }
 
-async fn metrics_text(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// Prometheus text. The queue gauges are read from the store; while it is
+/// unavailable they are left out (and `chatbridge_store_up` is 0), so the
+/// scrape itself still answers.
+async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
     let now = state.clock.now_ms();
-    let summary = state.store.queue_summary().await?;
     let m = &state.metrics;
-    m.queue_depth.reset();
-    m.oldest_pending_age.reset();
-    for b in &summary {
-        let label = b.business_id.to_string();
-        m.queue_depth
-            .with_label_values(&[&label])
-            .set(b.queued + b.held);
-        let age = b
-            .oldest_queued_at
-            .map(|t| (now - t).max(0) / 1000)
-            .unwrap_or(0);
-        m.oldest_pending_age.with_label_values(&[&label]).set(age);
+    match state.store.queue_summary().await {
+        Ok(summary) => {
+            m.queue_depth.reset();
+            m.oldest_pending_age.reset();
+            for b in &summary {
+                let label = b.business_id.to_string();
+                m.queue_depth
+                    .with_label_values(&[&label])
+                    .set(b.queued + b.held);
+                let age = b
+                    .oldest_queued_at
+                    .map(|t| (now - t).max(0) / 1000)
+                    .unwrap_or(0);
+                m.oldest_pending_age.with_label_values(&[&label]).set(age);
+            }
+        }
+        Err(e) => {
+            m.queue_depth.reset();
+            m.oldest_pending_age.reset();
+            if !e.is_unavailable() {
+                tracing::error!(error = %e, "metrics: cannot read the queue");
+            }
+        }
     }
-    for (delivery_state, n) in state.store.state_counts().await? {
-        m.deliveries
-            .with_label_values(&[delivery_state.as_str()])
-            .set(n);
+    match state.store.state_counts().await {
+        Ok(counts) => {
+            for (delivery_state, n) in counts {
+                m.deliveries
+                    .with_label_values(&[delivery_state.as_str()])
+                    .set(n);
+            }
+        }
+        Err(_) => m.deliveries.reset(),
     }
-    Ok(HttpResponse::Ok()
+    HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(m.render()))
+        .body(m.render())
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

@@ -12,6 +12,7 @@ use crate::clock::SharedClock;
 use crate::dispatch::status::DispatchStatus;
 use crate::pipeline::Pipeline;
 use crate::settings::Settings;
+use crate::store::health::StoreHealth;
 use crate::store::Store;
 use crate::telemetry::{Metrics, RefusalLog};
 
@@ -20,6 +21,8 @@ pub struct AppState {
     /// The configuration in force; a reload swaps it whole.
     pub pipeline: Arc<ArcSwap<Pipeline>>,
     pub store: Arc<dyn Store>,
+    /// Whether the store is up; every call through `store` feeds it.
+    pub store_health: Arc<StoreHealth>,
     pub clock: SharedClock,
     /// Tells the dispatcher new work is queued.
     pub wake: Arc<Notify>,

@@ -25,6 +25,14 @@
 //!   attempt; 5xx and transport errors retried with capped, jittered
 //!   backoff until `max_age_secs`, then dead.
 //! - errors of the store or the API never make it spin: every loop waits.
+//!   While the store is unavailable (`store::health`) it claims nothing:
+//!   each round fails at its first store call, and the next waits a
+//!   backoff capped at [`MAX_STORE_BACKOFF`] (or less: the store's
+//!   recovery wakes it), first probing the store with a write. Nothing is
+//!   logged per round: the outage has its own two lines. An answer the
+//!   Market gave meanwhile is kept and recorded once the store is back
+//!   (`record_patiently`), and the first round after an outage reclaims
+//!   expired leases, so nothing stays `sending` past its lease.
 //!
 //! awc's client is `!Send`, so the dispatcher runs on one actix thread and
 //! shares its state through `Rc`.
@@ -46,6 +54,7 @@ use crate::clock::{to_rfc3339, Millis, SharedClock};
 use crate::domain::{conversation_key, BusinessId, MarketMethod};
 use crate::market::client::{MarketAnswer, MarketClient, TransportError};
 use crate::pipeline::Pipeline;
+use crate::store::health::StoreHealth;
 use crate::store::{Attempt, ClaimLimits, Claimed, SharedCaps, Store, StoreError, Verdict};
 use crate::telemetry::Metrics;
 use quota::QuotaLog;
@@ -56,6 +65,8 @@ use status::{publish, DispatchStatus, PauseReason};
 const MAX_IDLE: Duration = Duration::from_millis(500);
 /// Shortest time between two rounds started by wake-ups.
 const MIN_ROUND_GAP: Duration = Duration::from_millis(2);
+/// The longest wait between two tries while the store fails.
+const MAX_STORE_BACKOFF: Duration = Duration::from_secs(5);
 /// A 403 on another conversation within this span means the key, not the chat, is refused.
 const FORBIDDEN_MEMORY_MS: Millis = 3_600_000;
 
@@ -122,6 +133,7 @@ impl Business {
 
 struct Shared {
     store: Arc<dyn Store>,
+    health: Arc<StoreHealth>,
     pipeline: Arc<ArcSwap<Pipeline>>,
     clock: SharedClock,
     wake: Arc<Notify>,
@@ -145,6 +157,7 @@ pub fn spawn(
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
     status: Arc<DispatchStatus>,
+    health: Arc<StoreHealth>,
 ) -> DispatcherHandle {
     let settings = &pipeline.load().settings;
     let client = MarketClient::new(
@@ -153,6 +166,7 @@ pub fn spawn(
     );
     let shared = Rc::new(Shared {
         store,
+        health,
         pipeline: pipeline.clone(),
         clock,
         wake,
@@ -188,16 +202,37 @@ async fn run(shared: Rc<Shared>, mut stop: watch::Receiver<bool>) {
     while !*stop.borrow() {
         let now = shared.clock.now_ms();
         let round_started = std::time::Instant::now();
-        let wake_at = match round(&shared, now, &mut next_reclaim).await {
+        // While the store is down, a write proves it is back before any
+        // claim is tried (and tells store::health, even with no traffic).
+        let probed = match shared.health.is_down() {
+            true => shared.store.ping().await,
+            false => Ok(()),
+        };
+        let outcome = match probed {
+            Ok(()) => round(&shared, now, &mut next_reclaim).await,
+            Err(e) => Err(e),
+        };
+        let wake_at = match outcome {
             Ok(at) => {
                 failures = 0;
                 at
             }
             Err(e) => {
                 failures += 1;
-                let wait = 100u64.saturating_mul(1 << failures.min(8)).min(30_000);
-                tracing::error!(error = %e, retry_in_ms = wait, "dispatcher cannot reach the store");
-                tokio::time::sleep(Duration::from_millis(wait)).await;
+                let wait = Duration::from_millis(100u64 << failures.min(6)).min(MAX_STORE_BACKOFF);
+                if e.is_unavailable() {
+                    // store::health logged the outage once; not every round.
+                    tracing::debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "dispatcher: the store is unavailable");
+                } else {
+                    tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "dispatcher: a store call failed");
+                }
+                // Leases may have expired meanwhile: reclaim first thing.
+                next_reclaim = 0;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shared.health.recovered() => {}
+                    _ = stop.changed() => {}
+                }
                 continue;
             }
         };
@@ -784,27 +819,42 @@ fn retry_or_dead(
 }
 
 /// The answer is known; the record must land or the message may be sent
-/// again after the lease expires. Keep trying for a while.
+/// again after the lease expires. While the store is unavailable it keeps
+/// trying until the store is back (the delivery stays this process's own,
+/// so nothing here reclaims it meanwhile); any other failure is retried
+/// for a while, then the lease decides.
 async fn record_patiently(shared: &Rc<Shared>, attempt: Attempt) {
     let mut wait = Duration::from_millis(50);
-    for _ in 0..10 {
+    let mut other_failures = 0;
+    loop {
         match shared
             .store
             .record(attempt.clone(), shared.clock.now_ms())
             .await
         {
             Ok(()) => return,
+            Err(e) if e.is_unavailable() => {
+                tracing::debug!(delivery = attempt.delivery_id, error = %e, "cannot record an attempt until the store is back");
+            }
             Err(e) => {
+                other_failures += 1;
+                if other_failures >= 10 {
+                    tracing::error!(
+                        delivery = attempt.delivery_id,
+                        error = %e,
+                        "gave up recording an attempt; the delivery stays leased and will be sent again when its lease expires"
+                    );
+                    return;
+                }
                 tracing::error!(delivery = attempt.delivery_id, error = %e, "cannot record an attempt; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
             }
         }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.health.recovered() => {}
+        }
+        wait = (wait * 2).min(MAX_STORE_BACKOFF);
     }
-    tracing::error!(
-        delivery = attempt.delivery_id,
-        "gave up recording an attempt; the delivery stays leased and will be sent again when its lease expires"
-    );
 }
 
 fn count_attempt(

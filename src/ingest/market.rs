@@ -91,13 +91,18 @@ pub async fn receive(
 }
 
 /// The spec's error body, `{"error":{"type","message"}}`, with our code
-/// beside the type.
+/// beside the type. The spec knows 400 and 500 for our own failures: an
+/// unavailable store (503 elsewhere) is a 500 here, which the Market retries.
 fn market_error(e: &ApiError) -> HttpResponse {
     let kind = match e.status.as_u16() {
         400 | 413 | 415 => "WRONG_EVENT_FORMAT",
         _ => "UNKNOWN",
     };
-    HttpResponse::build(e.status).json(json!({
+    let status = match e.status.as_u16() {
+        503 => actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
+        _ => e.status,
+    };
+    HttpResponse::build(status).json(json!({
         "error": {"type": kind, "code": e.code, "message": e.message}
     }))
 }

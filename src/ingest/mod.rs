@@ -8,7 +8,10 @@
 //! sender's mistake that would drop an event, so it answers 409
 //! `event_id_conflict`. Every refused webhook is logged at WARN (at most
 //! one line per source and code per `telemetry::REFUSAL_LOG_INTERVAL_MS`, with a count
-//! of the lines left out); accepted ones at DEBUG.
+//! of the lines left out); accepted ones at DEBUG. When the store is
+//! unavailable the answer is 503 `store_unavailable` with `Retry-After`
+//! (never 2xx without a commit); those refusals are counted for the one
+//! outage line `store::health` writes, not logged each.
 
 pub mod market;
 pub mod signature;
@@ -61,18 +64,31 @@ pub(crate) fn note_outcome(
     } else {
         "unknown"
     };
-    if let Err(e) = outcome {
-        state.refusals.refused(
-            state.clock.now_ms(),
-            crate::telemetry::Refusal {
-                source: label,
-                requested_source: source,
-                status: e.status.as_u16(),
-                code: e.code,
-                reason: &e.message,
-                peer: req.peer_addr(),
-            },
-        );
+    match outcome {
+        Err(e) if e.code == "store_unavailable" => {
+            // Logged once for the whole outage (store::health), with this count.
+            state.store_health.refused();
+            tracing::debug!(
+                target: "chatbridge::ingest",
+                source = %label,
+                status = e.status.as_u16(),
+                "webhook refused: the store is unavailable"
+            );
+        }
+        Err(e) => {
+            state.refusals.refused(
+                state.clock.now_ms(),
+                crate::telemetry::Refusal {
+                    source: label,
+                    requested_source: source,
+                    status: e.status.as_u16(),
+                    code: e.code,
+                    reason: &e.message,
+                    peer: req.peer_addr(),
+                },
+            );
+        }
+        Ok(_) => {}
     }
     let outcome = match outcome {
         Ok(o) => o,

@@ -20,8 +20,14 @@
 //!   in the same transaction that stores it, against the latest such time
 //!   already stored for that subject: when it is older, its deliveries are
 //!   stored `cancelled` with a reason saying so, and nothing is sent;
-//! - a campaign's business, once learnt, is remembered for good.
+//! - a campaign's business, once learnt, is remembered for good;
+//! - a database that cannot be reached or written (PostgreSQL down or
+//!   failing over, a full disk, an I/O error) is reported as
+//!   [`StoreError::Unavailable`], never as a success: callers refuse what
+//!   they were asked and try again later (see `health` for how the rest
+//!   of the service hears of it).
 
+pub mod health;
 mod lock;
 mod postgres;
 mod sqlite;
@@ -36,10 +42,15 @@ pub use lock::ServeLock;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(String),
+    /// The database cannot be reached or cannot write now (connection
+    /// refused or lost, failover, disk full, I/O error): nothing was
+    /// changed by the call, or its commit is in doubt; try again later.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     #[error("the store is shut down")]
     Closed,
     #[error("{0}")]
@@ -49,6 +60,14 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+impl StoreError {
+    /// Whether the database is out of reach or cannot write (retry later),
+    /// as opposed to a mistake or a conflict in what was asked.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
 
 pub struct NewEvent {
     pub source: String,
@@ -375,6 +394,9 @@ pub trait Store: Send + Sync + 'static {
     /// deliveries are all finished, with their deliveries and attempts.
     /// Returns how many events went; their ids may then be sent again.
     async fn prune(&self, before: Millis, batch: usize) -> StoreResult<u64>;
+    /// Whether the store can take writes now (`/readyz`): on SQLite a
+    /// tiny committed write (a full disk fails it while reads still work),
+    /// on PostgreSQL a round trip on a pooled connection.
     async fn ping(&self) -> StoreResult<()>;
 
     /// The business remembered for a Market campaign, if any.

@@ -51,7 +51,7 @@ pub struct PostgresStore {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-fn db_error(e: impl std::error::Error) -> StoreError {
+fn db_error(e: impl std::error::Error + 'static) -> StoreError {
     // tokio-postgres puts the server's message in the source chain.
     let mut text = e.to_string();
     let mut source = e.source();
@@ -59,7 +59,41 @@ fn db_error(e: impl std::error::Error) -> StoreError {
         text = format!("{text}: {s}");
         source = s.source();
     }
-    StoreError::Database(text)
+    if out_of_reach(&e) {
+        StoreError::Unavailable(text)
+    } else {
+        StoreError::Database(text)
+    }
+}
+
+/// Whether an error means the server cannot be reached or cannot take
+/// writes now, so the call may succeed later unchanged: no connection from
+/// the pool in time (the server is down), a lost connection or socket
+/// error, and the server's own codes for that — class 08 (connection
+/// exception), 57P01..57P03 (shutting down, crashed, starting up), class 53
+/// (disk full, out of memory, too many connections), 25006 (read-only: a
+/// standby after a failover). Anything else (a bad statement, a constraint)
+/// is a mistake that waiting will not fix.
+fn out_of_reach(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<deadpool_postgres::PoolError>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
+            if pg.is_closed() {
+                return true;
+            }
+            if let Some(code) = pg.code() {
+                let code = code.code();
+                return code.starts_with("08")
+                    || code.starts_with("53")
+                    || matches!(code, "57P01" | "57P02" | "57P03" | "25006");
+            }
+        }
+        next = e.source();
+    }
+    false
 }
 
 fn migrations() -> Vec<&'static str> {

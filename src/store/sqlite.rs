@@ -112,14 +112,20 @@ CREATE INDEX events_subject ON events (source, subject, happened_at) WHERE subje
     r#"
 ALTER TABLE deliveries ADD COLUMN claim_token INTEGER;
 "#,
+    // The row `ping` rewrites: readiness is a committed write, since a full
+    // disk refuses writes while reads still work.
+    r#"
+CREATE TABLE store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), probes INTEGER NOT NULL);
+"#,
 ];
 
 type WriteFn<T> = Box<dyn FnOnce(&Connection) -> StoreResult<T> + Send>;
 
 /// A write waiting for the writer thread: runs inside the batch, answers after commit.
 trait WriteJob: Send {
-    fn run(&mut self, conn: &Connection);
-    fn finish(self: Box<Self>, committed: Result<(), String>);
+    /// Runs the job in its savepoint; returns its error, if it failed.
+    fn run(&mut self, conn: &Connection) -> Option<StoreError>;
+    fn finish(self: Box<Self>, committed: Result<(), StoreError>);
 }
 
 struct Job<T> {
@@ -129,8 +135,8 @@ struct Job<T> {
 }
 
 impl<T: Send + 'static> WriteJob for Job<T> {
-    fn run(&mut self, conn: &Connection) {
-        let Some(work) = self.work.take() else { return };
+    fn run(&mut self, conn: &Connection) -> Option<StoreError> {
+        let work = self.work.take()?;
         let outcome = conn
             .execute_batch("SAVEPOINT job")
             .map_err(db_error)
@@ -141,13 +147,16 @@ impl<T: Send + 'static> WriteJob for Job<T> {
             "ROLLBACK TO job; RELEASE job"
         };
         let cleaned = conn.execute_batch(cleanup).map_err(db_error);
-        self.result = Some(cleaned.and(outcome));
+        let result = cleaned.and(outcome);
+        let failed = result.as_ref().err().cloned();
+        self.result = Some(result);
+        failed
     }
 
-    fn finish(self: Box<Self>, committed: Result<(), String>) {
+    fn finish(self: Box<Self>, committed: Result<(), StoreError>) {
         let answer = match committed {
             Ok(()) => self.result.unwrap_or(Err(StoreError::Closed)),
-            Err(e) => Err(StoreError::Database(format!("commit failed: {e}"))),
+            Err(e) => Err(e),
         };
         let _ = self.reply.send(answer);
     }
@@ -159,13 +168,27 @@ pub struct SqliteStore {
     readers: Arc<Mutex<Vec<Connection>>>,
 }
 
+/// SQLite's errors that mean "cannot write now, try later" (a full disk,
+/// an I/O error, a file that cannot be opened or is read-only, a lock held
+/// past `busy_timeout`) are `Unavailable`; the rest are mistakes.
 fn db_error(e: rusqlite::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(
+            DiskFull | SystemIoFailure | CannotOpen | ReadOnly | DatabaseBusy | DatabaseLocked
+            | OutOfMemory,
+        ) => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Database(e.to_string()),
+    }
 }
 
 fn open_connection(path: &Path) -> StoreResult<Connection> {
-    let conn = Connection::open(path)
-        .map_err(|e| StoreError::Database(format!("cannot open {}: {e}", path.display())))?;
+    let conn = Connection::open(path).map_err(|e| match db_error(e) {
+        StoreError::Unavailable(e) => {
+            StoreError::Unavailable(format!("cannot open {}: {e}", path.display()))
+        }
+        other => StoreError::Database(format!("cannot open {}: {other}", path.display())),
+    })?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
@@ -206,22 +229,39 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Box<dyn WriteJob>>) {
                 Err(_) => break,
             }
         }
-        let committed = conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| e.to_string())
-            .and_then(|_| {
-                for job in batch.iter_mut() {
-                    job.run(&conn);
-                }
-                conn.execute_batch("COMMIT").map_err(|e| {
-                    let _ = conn.execute_batch("ROLLBACK");
-                    e.to_string()
-                })
-            });
+        let committed = run_batch(&conn, &mut batch);
         for job in batch {
             job.finish(committed.clone());
         }
     }
+}
+
+/// Runs the batch in one transaction and commits it. On a full disk or an
+/// I/O error SQLite may roll the whole transaction back by itself: then
+/// the jobs after it must not run (each would commit on its own, outside
+/// the batch), and every job of the batch hears why it was not stored.
+fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>]) -> Result<(), StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(db_error)?;
+    let mut cause: Option<StoreError> = None;
+    let rolled_back = |cause: Option<StoreError>| {
+        cause
+            .unwrap_or_else(|| StoreError::Unavailable("SQLite rolled the transaction back".into()))
+    };
+    for job in batch.iter_mut() {
+        if conn.is_autocommit() {
+            return Err(rolled_back(cause));
+        }
+        if let Some(e) = job.run(conn).filter(StoreError::is_unavailable) {
+            cause.get_or_insert(e);
+        }
+    }
+    if conn.is_autocommit() {
+        return Err(rolled_back(cause));
+    }
+    conn.execute_batch("COMMIT").map_err(|e| {
+        let _ = conn.execute_batch("ROLLBACK");
+        db_error(e)
+    })
 }
 
 impl SqliteStore {
@@ -1224,8 +1264,18 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(db_error))
-            .await
+        // A committed write, through the writer like every other: a full
+        // disk or a read-only file fails it, while a read would pass.
+        self.write(|conn| {
+            conn.execute(
+                "INSERT INTO store_probe (id, probes) VALUES (1, 1)
+                 ON CONFLICT (id) DO UPDATE SET probes = probes + 1",
+                [],
+            )
+            .map(|_| ())
+            .map_err(db_error)
+        })
+        .await
     }
 
     async fn campaign_business(&self, campaign: i64) -> StoreResult<Option<BusinessId>> {

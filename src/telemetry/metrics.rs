@@ -3,12 +3,14 @@
 //! store when `/metrics` is scraped, so they are right after a restart.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
     registry: Registry,
-    /// Webhooks by source and outcome (accepted, duplicate, unauthorized, ...).
+    /// Webhooks by source and outcome (accepted, duplicate, unauthorized,
+    /// store_unavailable, ...).
     pub webhooks: IntCounterVec,
     /// Deliveries created or finished in this process, by state reached.
     pub deliveries_total: IntCounterVec,
@@ -22,6 +24,8 @@ pub struct Metrics {
     pub quota_used: IntGaugeVec,
     pub quota_limit: IntGaugeVec,
     pub config_reloads: IntCounterVec,
+    /// 1 while the store takes writes, 0 during an outage (`store::health`).
+    pub store_up: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -119,6 +123,17 @@ impl Metrics {
                 "Configuration reloads by outcome (applied, refused)",
                 &["outcome"],
             ),
+            store_up: {
+                let g = IntGauge::new(
+                    "chatbridge_store_up",
+                    "1 while the database takes writes, 0 while it is unavailable",
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             registry,
         }
     }
