@@ -16,6 +16,7 @@ mod notifications;
 mod openapi;
 mod operations;
 mod orders;
+mod outage;
 mod pipeline;
 mod postgres;
 mod serve_binary;

@@ -18,7 +18,7 @@ use crate::helpers::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_chatbridge");
 
-fn fake() -> FakeMarket {
+pub(crate) fn fake() -> FakeMarket {
     FakeMarket::start(
         "127.0.0.1:0",
         FakeConfig {
@@ -32,14 +32,14 @@ fn fake() -> FakeMarket {
 
 /// A temp root with the shipped configuration; every process started from
 /// it uses the same database, `db.sqlite`.
-struct Root {
-    dir: tempfile::TempDir,
+pub(crate) struct Root {
+    pub(crate) dir: tempfile::TempDir,
     market_url: String,
     starts: std::cell::Cell<u32>,
 }
 
 impl Root {
-    fn new(market: &FakeMarket) -> Self {
+    pub(crate) fn new(market: &FakeMarket) -> Self {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(&repo().join("config"), &dir.path().join("config"));
         copy_dir(&repo().join("templates"), &dir.path().join("templates"));
@@ -55,7 +55,7 @@ impl Root {
     }
 
     /// Starts `chatbridge serve` with stdout and stderr going to a log file.
-    fn spawn(&self, env: &[(&str, &str)]) -> Serve {
+    pub(crate) fn spawn(&self, env: &[(&str, &str)]) -> Serve {
         let n = self.starts.get() + 1;
         self.starts.set(n);
         let port = free_port();
@@ -100,16 +100,16 @@ impl Root {
         }
     }
 
-    async fn start(&self, env: &[(&str, &str)]) -> Serve {
+    pub(crate) async fn start(&self, env: &[(&str, &str)]) -> Serve {
         let mut serve = self.spawn(env);
         serve.wait_ready().await;
         serve
     }
 }
 
-struct Serve {
+pub(crate) struct Serve {
     child: Option<Child>,
-    base: String,
+    pub(crate) base: String,
     log: PathBuf,
     client: awc::Client,
 }
@@ -144,7 +144,7 @@ impl Serve {
     }
 
     /// Waits (bounded) for the process to exit on its own.
-    async fn wait_exit(&mut self) -> ExitStatus {
+    pub(crate) async fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -160,20 +160,27 @@ impl Serve {
         }
     }
 
+    /// Whether the process is still running.
+    pub(crate) fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("try_wait").is_none())
+    }
+
     /// SIGKILL: nothing runs on the way out.
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().expect("SIGKILL");
             child.wait().expect("reap");
         }
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Waits (bounded) until the log has a line containing every part.
-    async fn wait_for_line(&self, parts: &[&str]) -> String {
+    pub(crate) async fn wait_for_line(&self, parts: &[&str]) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(line) = self
@@ -192,7 +199,7 @@ impl Serve {
         }
     }
 
-    async fn post(&self, path: &str, headers: &[(&str, String)], body: &[u8]) -> u16 {
+    pub(crate) async fn post(&self, path: &str, headers: &[(&str, String)], body: &[u8]) -> u16 {
         let mut req = self.client.post(format!("{}{path}", self.base));
         for (k, v) in headers {
             req = req.insert_header((*k, v.as_str()));
