@@ -656,6 +656,59 @@ pub fn sign(secret: &str, id: Option<String>, timestamp: Option<i64>, body_file:
 /// while the service runs (`VACUUM INTO` reads one snapshot, so writes may
 /// go on; the copy is compact and holds no WAL), checked before it is
 /// called done.
+/// `chatbridge store copy`: the whole SQLite store into PostgreSQL (see
+/// `store::copy`). Progress on stderr, the summary on stdout. Exit 0 when
+/// every row is there; 1 when the copy failed part-way (rerun with
+/// `--resume`); 2 when it was refused or the command line is wrong.
+pub fn store_copy(request: &crate::store::copy::CopyRequest) -> i32 {
+    use crate::store::copy::{copy, CopyError};
+    let from = crate::store::redact_url(&request.from);
+    let to = crate::store::redact_url(&request.to);
+    let mut progress = |line: &str| eprintln!("store copy: {line}");
+    match copy(request, &mut progress) {
+        Ok(summary) => {
+            if summary.already_done {
+                println!("{from} was already copied to {to}; nothing written. The target holds:");
+            } else {
+                println!("copied {from} to {to}:");
+            }
+            for t in &summary.tables {
+                println!(
+                    "  {:<17} {:>10} rows ({} written by this run)",
+                    t.table.name(),
+                    t.rows,
+                    t.copied
+                );
+            }
+            if !summary.already_done {
+                println!(
+                    "  quota slots       {:>10} (the Market calls that count for the hourly quota)",
+                    summary.quota_slots
+                );
+                if summary.requeued > 0 {
+                    println!(
+                        "  {} delivery(ies) were `sending` when the SQLite process stopped: queued again \
+                         (the Market may have had them; at-least-once)",
+                        summary.requeued
+                    );
+                }
+                println!(
+                    "next: set storage.url to the PostgreSQL database and start serve (see README, \
+                     \"Moving from SQLite to PostgreSQL\")"
+                );
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("store copy: {e}");
+            match e {
+                CopyError::Failed(_) => 1,
+                CopyError::Usage(_) | CopyError::Refused(_) => 2,
+            }
+        }
+    }
+}
+
 pub fn backup(config_dir: &Path, to: &Path) -> i32 {
     match run_backup(config_dir, to) {
         Ok(size) => {

@@ -120,12 +120,37 @@ enum Command {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Move the store: copy a SQLite database into PostgreSQL.
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
     /// The bridge and the fake Market in one process: post the samples, print what buyers get.
     Demo {
         #[arg(long, default_value = "config")]
         config: PathBuf,
         #[arg(long, default_value = "examples/events")]
         examples: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreAction {
+    /// Copy every event, delivery, attempt, chat and campaign from a SQLite
+    /// database into an empty PostgreSQL one (stop serve first).
+    Copy {
+        /// The SQLite database: sqlite://path/to/chatbridge.db.
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL database: postgres://user[:password]@host:port/database.
+        #[arg(long, env = "CHATBRIDGE_COPY_TO", hide_env_values = true)]
+        to: String,
+        /// Go on with an interrupted copy of the same, unchanged file.
+        #[arg(long)]
+        resume: bool,
+        /// Rows per batch; each batch is one transaction.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch: u32,
     },
 }
 
@@ -254,6 +279,20 @@ fn main() -> ExitCode {
             file,
         } => commands::sign(&secret, id, timestamp, &file),
         Command::Backup { config, to } => commands::backup(&config, &to),
+        Command::Store {
+            action:
+                StoreAction::Copy {
+                    from,
+                    to,
+                    resume,
+                    batch,
+                },
+        } => commands::store_copy(&chatbridge::store::copy::CopyRequest {
+            from,
+            to,
+            resume,
+            batch: batch as usize,
+        }),
         Command::Serve { config } => actix_rt::System::new().block_on(commands::serve(&config)),
         Command::Demo { config, examples } => {
             actix_rt::System::new().block_on(commands::demo(&config, &examples))

@@ -27,6 +27,7 @@
 //!   they were asked and try again later (see `health` for how the rest
 //!   of the service hears of it).
 
+pub mod copy;
 pub mod health;
 mod lock;
 mod postgres;
@@ -470,7 +471,9 @@ pub fn redact_url(url: &str) -> String {
 pub fn open(settings: &crate::settings::StorageSettings) -> StoreResult<std::sync::Arc<dyn Store>> {
     let url = settings.url.as_str();
     if is_postgres(url) {
-        return Ok(std::sync::Arc::new(PostgresStore::open(settings)?));
+        let store = PostgresStore::open(settings)?;
+        copy::refuse_unfinished(&store)?;
+        return Ok(std::sync::Arc::new(store));
     }
     match sqlite_path(url) {
         Some(path) => Ok(std::sync::Arc::new(SqliteStore::open(path)?)),

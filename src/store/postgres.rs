@@ -51,7 +51,7 @@ pub struct PostgresStore {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-fn db_error(e: impl std::error::Error + 'static) -> StoreError {
+pub(super) fn db_error(e: impl std::error::Error + 'static) -> StoreError {
     // tokio-postgres puts the server's message in the source chain.
     let mut text = e.to_string();
     let mut source = e.source();
@@ -256,6 +256,29 @@ impl PostgresStore {
             })
             .await
             .map_err(|e| StoreError::Database(format!("store task failed: {e}")))?
+    }
+}
+
+impl PostgresStore {
+    /// For code that runs outside any async runtime (`store copy`, and the
+    /// check in `store::open` that no copy is half done): runs `work` with
+    /// a pooled connection on the store's runtime and waits for it.
+    pub(super) fn run_sync<T, F, Fut>(&self, work: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Object) -> Fut + Send + 'static,
+        Fut: Future<Output = StoreResult<T>> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let (done, result) = std::sync::mpsc::channel();
+        self.runtime.spawn(async move {
+            let outcome = match pool.get().await {
+                Ok(client) => work(client).await,
+                Err(e) => Err(db_error(e)),
+            };
+            let _ = done.send(outcome);
+        });
+        result.recv().map_err(|_| StoreError::Closed)?
     }
 }
 

@@ -104,3 +104,15 @@ ALTER TABLE events ADD COLUMN business_id BIGINT;
 ALTER TABLE events ADD COLUMN subject TEXT;
 ALTER TABLE events ADD COLUMN happened_at BIGINT;
 CREATE INDEX events_subject ON events (source, subject, happened_at) WHERE subject IS NOT NULL;
+
+-- migration 3
+-- `chatbridge store copy` (store/copy): the SQLite database being copied
+-- in, by a summary of its contents, and whether the copy finished. A
+-- resumed copy must come from the same, unchanged file; `serve` refuses a
+-- database whose copy is not finished.
+CREATE TABLE store_copies (
+    source      TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    started_at  BIGINT NOT NULL,
+    finished_at BIGINT
+);
