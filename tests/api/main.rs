@@ -21,4 +21,5 @@ mod pipeline;
 mod postgres;
 mod serve_binary;
 mod spec;
+mod store_copy;
 mod templates;

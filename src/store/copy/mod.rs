@@ -111,7 +111,10 @@ pub struct CopySummary {
 }
 
 /// Copies the store, reporting progress lines through `progress`.
-pub fn copy(request: &CopyRequest, progress: &mut dyn FnMut(&str)) -> Result<CopySummary, CopyError> {
+pub fn copy(
+    request: &CopyRequest,
+    progress: &mut dyn FnMut(&str),
+) -> Result<CopySummary, CopyError> {
     let from = redact_url(&request.from);
     let to = redact_url(&request.to);
     let path = sqlite_path(&request.from).ok_or_else(|| {
@@ -136,13 +139,14 @@ pub fn copy(request: &CopyRequest, progress: &mut dyn FnMut(&str)) -> Result<Cop
         )));
     }
     // Held to the end: no serve changes the file under the copy.
-    let _lock = ServeLock::acquire(path).map_err(|e| {
-        CopyError::Refused(format!("cannot copy {}: {}", path.display(), plain(e)))
-    })?;
+    let _lock = ServeLock::acquire(path)
+        .map_err(|e| CopyError::Refused(format!("cannot copy {}: {}", path.display(), plain(e))))?;
     // The file's schema brought up to this version's, as serve would.
-    drop(SqliteStore::open(path).map_err(|e| {
-        CopyError::Failed(format!("cannot open {}: {}", path.display(), plain(e)))
-    })?);
+    drop(
+        SqliteStore::open(path).map_err(|e| {
+            CopyError::Failed(format!("cannot open {}: {}", path.display(), plain(e)))
+        })?,
+    );
     let source = open_source(path)?;
     let fingerprint = fingerprint(&source).map_err(failed)?;
     let target = PostgresStore::open(&StorageSettings {
@@ -292,10 +296,12 @@ fn fingerprint(conn: &Connection) -> StoreResult<String> {
 fn take_copy_lock(target: &PostgresStore, to: &str) -> Result<(), CopyError> {
     let got: bool = target
         .run_sync(|c| async move {
-            Ok(c.query_one("SELECT pg_try_advisory_lock($1, 0)", &[&COPY_LOCK])
-                .await
-                .map_err(db_error)?
-                .get(0))
+            Ok(
+                c.query_one("SELECT pg_try_advisory_lock($1, 0)", &[&COPY_LOCK])
+                    .await
+                    .map_err(db_error)?
+                    .get(0),
+            )
         })
         .map_err(failed)?;
     if got {
@@ -392,7 +398,11 @@ fn prepare_target(
 /// The target's tables that hold rows, with how many.
 fn rows_held(target: &PostgresStore) -> StoreResult<Vec<String>> {
     let mut held = Vec::new();
-    for table in Table::ALL.iter().map(|t| t.name()).chain(["quota_slots", "method_pauses"]) {
+    for table in Table::ALL
+        .iter()
+        .map(|t| t.name())
+        .chain(["quota_slots", "method_pauses"])
+    {
         let sql = format!("SELECT COUNT(*) FROM {table}");
         let n: i64 = target.run_sync(move |c| async move {
             Ok(c.query_one(&sql, &[]).await.map_err(db_error)?.get(0))
