@@ -1,7 +1,8 @@
 //! `chatbridge store copy --from sqlite://FILE --to postgres://...`: moves
 //! a whole SQLite store (events, deliveries, attempts, chat_contexts,
-//! market_campaigns) into a PostgreSQL database, for a user who outgrows
-//! one machine. What it guarantees:
+//! market_campaigns; not `store_probe`, SQLite's readiness row) into a
+//! PostgreSQL database, for a user who outgrows one machine. What it
+//! guarantees:
 //! - nothing lost, nothing sent twice: every row keeps its id, state, text,
 //!   reason, attempt history and times; each table's sequence is set past
 //!   the copied ids before the first row goes in; `(source, event id)` is
