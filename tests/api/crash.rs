@@ -9,9 +9,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,9 +17,9 @@ use chatbridge::market::fake::{FakeConfig, FakeMarket};
 use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
-use crate::helpers::{copy_dir, free_port, repo, signed_headers, ChildGuard, ADMIN_TOKEN, API_KEY};
+use crate::helpers::API_KEY;
+use crate::process::{post_signed as post, ServeProcess, ServeRoot};
 
-const BIN: &str = env!("CARGO_BIN_EXE_chatbridge");
 const EVENT_TYPE: &str = "crash.test";
 const FIRST_BUSINESS: i64 = 7001;
 
@@ -40,77 +37,23 @@ const TEMPLATE: &str = "crash test message seq={{seq}}";
 /// A temp root with the shipped configuration, our route and template, and
 /// the database; every start of the service uses it.
 struct Setup {
-    root: tempfile::TempDir,
-    market_url: String,
-    starts: Cell<u32>,
+    root: ServeRoot,
 }
 
 impl Setup {
     fn new(market: &FakeMarket) -> Self {
-        let root = tempfile::tempdir().unwrap();
-        copy_dir(&repo().join("config"), &root.path().join("config"));
-        copy_dir(&repo().join("templates"), &root.path().join("templates"));
-        std::fs::write(root.path().join("config/routes.toml"), ROUTES).unwrap();
-        std::fs::write(root.path().join("templates/crash.hbs"), TEMPLATE).unwrap();
-        Self {
-            root,
-            market_url: market.base_url(),
-            starts: Cell::new(0),
-        }
+        let root = ServeRoot::new(market);
+        root.write("config/routes.toml", ROUTES);
+        root.write("templates/crash.hbs", TEMPLATE);
+        Self { root }
     }
 
-    fn db(&self) -> PathBuf {
-        self.root.path().join("db.sqlite")
-    }
-
-    /// Starts `chatbridge serve` and waits (bounded) until `/readyz` answers 200.
-    async fn start(&self, env: &[(&str, &str)]) -> Service {
-        let n = self.starts.get() + 1;
-        self.starts.set(n);
-        let port = free_port();
-        let log = self.root.path().join(format!("service-{n}.log"));
-        let out = File::create(&log).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.current_dir(self.root.path())
-            .arg("serve")
-            .arg("--config")
-            .arg(self.root.path().join("config"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("CHATBRIDGE__") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("RUST_LOG", "info")
-            .env(
-                "CHATBRIDGE__STORAGE__URL",
-                format!("sqlite://{}", self.db().display()),
-            )
-            .env("CHATBRIDGE__MARKET__BASE_URL", &self.market_url)
-            .env("CHATBRIDGE__MARKET__API_KEY", API_KEY)
-            .env("CHATBRIDGE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("CHATBRIDGE__SERVER__WORKERS", "2")
-            .env("CHATBRIDGE__SERVER__WATCH_CONFIG", "false")
-            .env(
-                "CHATBRIDGE__TEMPLATES__DIR",
-                self.root.path().join("templates"),
-            )
-            .env("CHATBRIDGE__ADMIN__TOKEN", ADMIN_TOKEN);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
-        let mut service = Service {
-            child: ChildGuard::new(child, Some(log)),
-            base: format!("http://127.0.0.1:{port}"),
-            client: client(),
-        };
-        service.wait_ready().await;
-        service
+    /// Starts `chatbridge serve` (two workers, logging at info) and waits
+    /// (bounded) until `/readyz` answers 200.
+    async fn start(&self, env: &[(&str, &str)]) -> ServeProcess {
+        let mut all = vec![("RUST_LOG", "info"), ("CHATBRIDGE__SERVER__WORKERS", "2")];
+        all.extend_from_slice(env);
+        self.root.start(&all).await
     }
 }
 
@@ -118,114 +61,6 @@ fn client() -> awc::Client {
     awc::Client::builder()
         .timeout(Duration::from_secs(30))
         .finish()
-}
-
-/// The child process; killed (and its log tail printed when the test is
-/// failing) on drop, by its `ChildGuard`.
-struct Service {
-    child: ChildGuard,
-    base: String,
-    client: awc::Client,
-}
-
-impl Service {
-    fn pid(&self) -> u32 {
-        self.child.id().expect("running")
-    }
-
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait()
-    }
-
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.try_wait() {
-                panic!("the service exited before it was ready ({status}); its log follows");
-            }
-            if let Ok(resp) = self
-                .client
-                .get(format!("{}/readyz", self.base))
-                .send()
-                .await
-            {
-                if resp.status().as_u16() == 200 {
-                    return;
-                }
-            }
-            if Instant::now() > deadline {
-                panic!("the service was not ready within 30 s; its log follows");
-            }
-            actix_rt::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGKILL: no chance to finish or record anything.
-    fn kill(&mut self) {
-        self.child.kill();
-    }
-
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed: {status}");
-    }
-
-    /// Waits (bounded) for the process to exit; `None` when it did not.
-    async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            actix_rt::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn admin_get(&self, path: &str) -> Value {
-        let mut resp = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .insert_header(("authorization", format!("Bearer {ADMIN_TOKEN}")))
-            .send()
-            .await
-            .expect("admin request");
-        assert_eq!(resp.status().as_u16(), 200, "GET {path}");
-        let bytes = resp.body().limit(16 << 20).await.expect("admin body");
-        serde_json::from_slice(&bytes).expect("admin JSON")
-    }
-
-    /// `(queued, sending, held, dead, failed)` summed over businesses.
-    async fn queue(&self) -> [i64; 5] {
-        let body = self.admin_get("/admin/queue").await;
-        let mut out = [0; 5];
-        for b in body["businesses"].as_array().expect("businesses") {
-            for (i, k) in ["queued", "sending", "held", "dead", "failed"]
-                .iter()
-                .enumerate()
-            {
-                out[i] += b[k].as_i64().unwrap_or(0);
-            }
-        }
-        out
-    }
-
-    /// Waits (bounded) until nothing is queued, sending or held.
-    async fn wait_settled(&self, within: Duration) -> [i64; 5] {
-        let deadline = Instant::now() + within;
-        loop {
-            let q = self.queue().await;
-            if q[0] + q[1] + q[2] == 0 || Instant::now() > deadline {
-                return q;
-            }
-            actix_rt::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
 }
 
 fn event(seq: u64, business: i64, chat: i64) -> Value {
@@ -236,23 +71,6 @@ fn event(seq: u64, business: i64, chat: i64) -> Value {
         "chatId": chat,
         "seq": seq,
     })
-}
-
-/// Posts a signed event; `Err` for a transport error (not accepted).
-async fn post(client: &awc::Client, base: &str, event: &Value) -> Result<u16, String> {
-    let body = event.to_string().into_bytes();
-    let ts = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let mut req = client.post(format!("{base}/hooks/oms"));
-    for (k, v) in signed_headers(&body, ts) {
-        req = req.insert_header((k, v));
-    }
-    let mut resp = req.send_body(body).await.map_err(|e| e.to_string())?;
-    let status = resp.status().as_u16();
-    let _ = resp.body().await;
-    Ok(status)
 }
 
 fn seq_of(message: &str) -> Option<u64> {

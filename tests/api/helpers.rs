@@ -1,7 +1,7 @@
 //! `spawn_app()`: the real service on a random loopback port, with a fresh
 //! SQLite file (or, with `Backend::Postgres`, a fresh PostgreSQL database
 //! on `CHATBRIDGE_TEST_POSTGRES_URL`) and the fake Market on another port.
-//! Tests talk HTTP to both.
+//! Tests talk HTTP to both. (process.rs starts the real binary instead.)
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

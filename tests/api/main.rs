@@ -19,7 +19,11 @@ mod orders;
 mod outage;
 mod pipeline;
 mod postgres;
+mod process;
 mod serve_binary;
+// PostgreSQL only (see postgres.rs for what runs without it).
+#[cfg(postgres_tests)]
+mod several_processes;
 mod spec;
 mod store_copy;
 mod templates;

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::helpers::*;
-use crate::serve_binary::{fake, Root, Serve};
+use crate::process::{ServeProcess, ServeRoot};
+use crate::serve_binary::fake;
 
 #[cfg(not(postgres_tests))]
 #[test]
@@ -96,7 +97,14 @@ impl Poster {
 
     /// Waits (real time, bounded: the poster runs on real time) until
     /// `status` was answered `n` more times than `before`.
-    async fn wait_for(&self, status: u16, before: usize, n: usize, what: &str, serve: &Serve) {
+    async fn wait_for(
+        &self,
+        status: u16,
+        before: usize,
+        n: usize,
+        what: &str,
+        serve: &ServeProcess,
+    ) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.count(status) < before + n {
             assert!(
@@ -158,7 +166,7 @@ async fn call(
 /// `store_unavailable` with `Retry-After`, `/readyz` is 503 and says the
 /// store is unavailable, `/metrics` still answers with the store down and
 /// the refusals counted, and the process is alive.
-async fn check_refusing(serve: &mut Serve) {
+async fn check_refusing(serve: &mut ServeProcess) {
     let body = sample_as("order_shipped", &format!("probe-{}", rand_id()), Some(1)).to_string();
     let headers = signed_headers(body.as_bytes(), unix_secs());
     let (status, head, text) = call(&serve.base, "/hooks/oms", Some((&headers, body))).await;
@@ -204,7 +212,7 @@ async fn check_refusing(serve: &mut Serve) {
 /// all (the store has it), nothing is left `sending`, and the log has
 /// exactly one outage line and one recovery line. Returns the log.
 async fn check_recovered(
-    serve: &mut Serve,
+    serve: &mut ServeProcess,
     market: &chatbridge::market::fake::FakeMarket,
     posted: &[Posted],
 ) -> String {
@@ -450,7 +458,7 @@ fn run(cmd: &mut Command) {
 async fn postgres_going_away_under_load_refuses_webhooks_loses_nothing_and_resumes_by_itself() {
     let pg = PrivatePostgres::start();
     let market = fake();
-    let root = Root::new(&market);
+    let root = ServeRoot::new(&market);
     // Market notifications from loopback, to see their answer too.
     let settings = root.dir.path().join("config/chatbridge.toml");
     let text = std::fs::read_to_string(&settings).unwrap();
@@ -570,7 +578,7 @@ fn fill(path: &Path) {
 #[actix_rt::test]
 async fn a_full_sqlite_disk_refuses_webhooks_with_503_loses_nothing_and_works_when_space_returns() {
     let market = fake();
-    let root = Root::new(&market);
+    let root = ServeRoot::new(&market);
     let disk = match Tmpfs::mount(&root.dir.path().join("disk"), "2m") {
         Ok(d) => d,
         Err(why) => {

@@ -4,9 +4,7 @@
 //! flood, no colour codes in a file, JSON fields an on-call engineer can
 //! filter on. Plus the reload's restart-needed warnings (in process).
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,8 +13,7 @@ use chatbridge::market::fake::{FakeConfig, FakeMarket, ScriptedAnswer};
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_chatbridge");
+use crate::process::*;
 
 pub(crate) fn fake() -> FakeMarket {
     FakeMarket::start(
@@ -28,197 +25,6 @@ pub(crate) fn fake() -> FakeMarket {
         Arc::new(SystemClock),
     )
     .unwrap()
-}
-
-/// A temp root with the shipped configuration; every process started from
-/// it uses the same database, `db.sqlite`.
-pub(crate) struct Root {
-    pub(crate) dir: tempfile::TempDir,
-    market_url: String,
-    starts: std::cell::Cell<u32>,
-}
-
-impl Root {
-    pub(crate) fn new(market: &FakeMarket) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        copy_dir(&repo().join("config"), &dir.path().join("config"));
-        copy_dir(&repo().join("templates"), &dir.path().join("templates"));
-        Self {
-            dir,
-            market_url: market.base_url(),
-            starts: Default::default(),
-        }
-    }
-
-    fn db(&self) -> PathBuf {
-        self.dir.path().join("db.sqlite")
-    }
-
-    /// Starts `chatbridge serve` with stdout and stderr going to a log file.
-    pub(crate) fn spawn(&self, env: &[(&str, &str)]) -> Serve {
-        let n = self.starts.get() + 1;
-        self.starts.set(n);
-        let port = free_port();
-        let log = self.dir.path().join(format!("serve-{n}.log"));
-        let out = File::create(&log).unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.current_dir(self.dir.path())
-            .args(["serve", "--config"])
-            .arg(self.dir.path().join("config"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("CHATBRIDGE__") || k == "NO_COLOR" || k == "RUST_LOG" {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env(
-            "CHATBRIDGE__STORAGE__URL",
-            format!("sqlite://{}", self.db().display()),
-        )
-        .env("CHATBRIDGE__MARKET__BASE_URL", &self.market_url)
-        .env("CHATBRIDGE__MARKET__API_KEY", API_KEY)
-        .env("CHATBRIDGE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("CHATBRIDGE__SERVER__WORKERS", "1")
-        .env("CHATBRIDGE__SERVER__WATCH_CONFIG", "false")
-        .env(
-            "CHATBRIDGE__TEMPLATES__DIR",
-            self.dir.path().join("templates"),
-        )
-        .env("CHATBRIDGE__ADMIN__TOKEN", ADMIN_TOKEN);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Serve {
-            child: Some(cmd.spawn().expect("start chatbridge")),
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-            client: awc::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .finish(),
-        }
-    }
-
-    pub(crate) async fn start(&self, env: &[(&str, &str)]) -> Serve {
-        let mut serve = self.spawn(env);
-        serve.wait_ready().await;
-        serve
-    }
-}
-
-pub(crate) struct Serve {
-    child: Option<Child>,
-    pub(crate) base: String,
-    log: PathBuf,
-    client: awc::Client,
-}
-
-impl Serve {
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "serve exited before it was ready ({status}):\n{}",
-                    self.log_text()
-                );
-            }
-            if let Ok(resp) = self
-                .client
-                .get(format!("{}/readyz", self.base))
-                .send()
-                .await
-            {
-                if resp.status().as_u16() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not ready in 30 s:\n{}",
-                self.log_text()
-            );
-            actix_rt::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits (bounded) for the process to exit on its own.
-    pub(crate) async fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "still running:\n{}",
-                self.log_text()
-            );
-            actix_rt::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Whether the process is still running.
-    pub(crate) fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().expect("try_wait").is_none())
-    }
-
-    /// SIGKILL: nothing runs on the way out.
-    pub(crate) fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().expect("SIGKILL");
-            child.wait().expect("reap");
-        }
-    }
-
-    pub(crate) fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits (bounded) until the log has a line containing every part.
-    pub(crate) async fn wait_for_line(&self, parts: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(line) = self
-                .log_text()
-                .lines()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
-            {
-                return line.to_owned();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no log line with {parts:?}:\n{}",
-                self.log_text()
-            );
-            actix_rt::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub(crate) async fn post(&self, path: &str, headers: &[(&str, String)], body: &[u8]) -> u16 {
-        let mut req = self.client.post(format!("{}{path}", self.base));
-        for (k, v) in headers {
-            req = req.insert_header((*k, v.as_str()));
-        }
-        req.send_body(body.to_vec())
-            .await
-            .expect("post")
-            .status()
-            .as_u16()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("--- {} ---\n{}", self.log.display(), self.log_text());
-        }
-    }
 }
 
 fn now_secs() -> i64 {
@@ -236,11 +42,14 @@ fn json_lines(log: &str, message: &str) -> Vec<Value> {
 #[actix_rt::test]
 async fn a_second_serve_on_one_database_is_refused_and_a_killed_one_leaves_no_lock() {
     let market = fake();
-    let root = Root::new(&market);
+    let root = ServeRoot::new(&market);
     let mut first = root.start(&[]).await;
 
     let mut second = root.spawn(&[]);
-    let status = second.wait_exit().await;
+    let status = second
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("the second serve exits on its own");
 
     assert!(!status.success(), "the second serve must not start");
     let said = second.log_text();
@@ -267,7 +76,7 @@ async fn a_second_serve_on_one_database_is_refused_and_a_killed_one_leaves_no_lo
 #[actix_rt::test]
 async fn refused_webhooks_are_logged_at_warn_without_colour_and_a_flood_is_not() {
     let market = fake();
-    let root = Root::new(&market);
+    let root = ServeRoot::new(&market);
     let serve = root.start(&[]).await;
     let body = br#"{"id":"evt-x","type":"order.shipped"}"#;
     let mut bad = signed_headers(body, now_secs());
@@ -324,19 +133,15 @@ async fn json_logs_carry_numeric_ids_the_next_attempt_and_no_empty_fields() {
         times: 1,
         ..Default::default()
     });
-    let root = Root::new(&market);
-    std::fs::write(
-        root.dir.path().join("templates/order_delivered.hbs"),
-        "{{no.such.field}}",
-    )
-    .unwrap();
+    let root = ServeRoot::new(&market);
+    root.write("templates/order_delivered.hbs", "{{no.such.field}}");
     let serve = root
         .start(&[
             ("CHATBRIDGE__LOG__FORMAT", "json"),
             ("RUST_LOG", "info,chatbridge::ingest=debug"),
         ])
         .await;
-    async fn post(serve: &Serve, event: Value) -> u16 {
+    async fn post(serve: &ServeProcess, event: Value) -> u16 {
         let text = event.to_string();
         let headers = signed_headers(text.as_bytes(), now_secs());
         serve.post("/hooks/oms", &headers, text.as_bytes()).await

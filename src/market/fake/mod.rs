@@ -280,6 +280,11 @@ impl FakeMarket {
         lock(&self.state.received).clone()
     }
 
+    /// Requests being answered right now, of every business.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.state.in_flight).values().sum()
+    }
+
     pub fn stats(&self) -> FakeStats {
         lock(&self.state.stats).clone()
     }
