@@ -44,6 +44,7 @@ fn options(fake: FakeConfig, limit: u32, window_secs: u64) -> (TestOptions, Arc<
         clock: Some(clock.clone()),
         files: burst_files(),
         backend: Backend::default(),
+        join: None,
         tweak: Some(Box::new(move |s| {
             s.market.hourly_limit = limit;
             s.market.quota_window_secs = window_secs;
@@ -555,6 +556,7 @@ async fn a_market_outage_is_retried_at_the_backoff_rate_of_the_clock() {
         clock: Some(clock.clone()),
         files: burst_files(),
         backend: Backend::default(),
+        join: None,
         tweak: Some(Box::new(|s| {
             s.dispatch.initial_backoff_secs = 1;
             s.dispatch.max_backoff_secs = 2;

@@ -33,6 +33,9 @@ pub struct TestOptions {
     pub tweak: Option<Box<dyn Fn(&mut Settings) + Send + Sync>>,
     /// Which store the app runs on.
     pub backend: Backend,
+    /// Run as another instance of an app already running: on its
+    /// PostgreSQL database and against its fake Market (`TestApp::another`).
+    pub join: Option<(Arc<TestDatabase>, FakeMarket)>,
 }
 
 /// The store backend of a test app. The store-touching suites run once per
@@ -142,6 +145,7 @@ impl Default for TestOptions {
             files: Vec::new(),
             tweak: None,
             backend: Backend::default(),
+            join: None,
         }
     }
 }
@@ -189,10 +193,15 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
         Some(c) => c.clone(),
         None => Arc::new(SystemClock),
     };
-    let market = FakeMarket::start("127.0.0.1:0", options.fake, clock.clone()).unwrap();
-    let database = match options.backend {
-        Backend::Sqlite => None,
-        Backend::Postgres => Some(TestDatabase::create().await),
+    let (market, database) = match (options.join, options.backend) {
+        (Some((database, market)), _) => (market, Some(database)),
+        (None, backend) => (
+            FakeMarket::start("127.0.0.1:0", options.fake, clock.clone()).unwrap(),
+            match backend {
+                Backend::Sqlite => None,
+                Backend::Postgres => Some(TestDatabase::create().await),
+            },
+        ),
     };
     let storage_url = match &database {
         Some(db) => db.url.clone(),
@@ -273,6 +282,23 @@ impl TestApp {
             self.loader,
             self.database,
         )
+        .await
+    }
+
+    /// Another instance on this app's PostgreSQL database and fake Market
+    /// (its own settings, from `options`; `options.fake` is not used).
+    // Used by tests/api/several_instances.rs, compiled only with the URL set.
+    #[cfg_attr(not(postgres_tests), allow(dead_code))]
+    pub async fn another(&self, options: TestOptions) -> TestApp {
+        let database = self
+            .database
+            .clone()
+            .expect("another instance needs an app on PostgreSQL");
+        spawn_app_with(TestOptions {
+            join: Some((database, self.market.clone())),
+            backend: Backend::Postgres,
+            ..options
+        })
         .await
     }
 

@@ -23,6 +23,8 @@ mod process;
 mod serve_binary;
 // PostgreSQL only (see postgres.rs for what runs without it).
 #[cfg(postgres_tests)]
+mod several_instances;
+#[cfg(postgres_tests)]
 mod several_processes;
 mod spec;
 mod store_copy;

@@ -11,7 +11,7 @@
 
 #[cfg(not(postgres_tests))]
 #[test]
-#[ignore = "CHATBRIDGE_TEST_POSTGRES_URL is not set: the admin, delivery, dispatch, ingest and orders suites did not run on PostgreSQL, nor several_processes (three serve processes, one killed)"]
+#[ignore = "CHATBRIDGE_TEST_POSTGRES_URL is not set: the admin, delivery, dispatch, ingest and orders suites did not run on PostgreSQL, nor several_instances and several_processes (instances sharing one database)"]
 fn postgres_suites_skipped() {}
 
 #[cfg(postgres_tests)]
