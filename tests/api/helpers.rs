@@ -680,3 +680,74 @@ pub fn marker_chat() -> i64 {
     static NEXT: AtomicI64 = AtomicI64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
+
+impl TestApp {
+    /// Posts a Market notification to `/hooks/market/notification`.
+    pub async fn notify(&self, body: &Value) -> (u16, Value) {
+        self.notify_raw(body.to_string().into_bytes(), &[]).await
+    }
+
+    pub async fn notify_raw(&self, body: Vec<u8>, extra: &[(&str, String)]) -> (u16, Value) {
+        let mut headers = vec![("content-type", "application/json".to_owned())];
+        headers.extend(extra.iter().cloned());
+        self.post_raw("/hooks/market/notification", &headers, body)
+            .await
+    }
+
+    /// The market source's deliveries, from the admin API.
+    pub async fn market_deliveries(&self) -> Vec<Value> {
+        let mut all = self.all_deliveries().await;
+        all.retain(|d| d["source"] == "market");
+        all
+    }
+
+    /// A connection of the test's own to the app's database, whichever
+    /// backend it is, to do what chatbridge never would: hold its locks,
+    /// break a table, count rows.
+    pub async fn raw_db(&self) -> RawDb {
+        match &self.database {
+            Some(db) => {
+                let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect to the test database");
+                RawDb::Postgres {
+                    client,
+                    _driver: actix_rt::spawn(connection),
+                }
+            }
+            None => RawDb::Sqlite(
+                rusqlite::Connection::open(self.root.path().join("chatbridge.db")).unwrap(),
+            ),
+        }
+    }
+}
+
+/// See [`TestApp::raw_db`]; dropping it closes the connection (and rolls
+/// back what it left open).
+pub enum RawDb {
+    Sqlite(rusqlite::Connection),
+    Postgres {
+        client: tokio_postgres::Client,
+        /// Runs the connection; it ends when the client goes.
+        _driver: actix_rt::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    },
+}
+
+impl RawDb {
+    /// Runs `sqlite` or `postgres` (statements separated by `;`), for the
+    /// backend it is connected to.
+    pub async fn batch(&self, sqlite: &str, postgres: &str) {
+        match self {
+            RawDb::Sqlite(c) => c.execute_batch(sqlite).unwrap(),
+            RawDb::Postgres { client: c, .. } => c.batch_execute(postgres).await.unwrap(),
+        }
+    }
+
+    /// The one number `sql` (valid on both backends) selects.
+    pub async fn count(&self, sql: &str) -> i64 {
+        match self {
+            RawDb::Sqlite(c) => c.query_row(sql, [], |r| r.get(0)).unwrap(),
+            RawDb::Postgres { client: c, .. } => c.query_one(sql, &[]).await.unwrap().get(0),
+        }
+    }
+}

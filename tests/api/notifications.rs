@@ -6,7 +6,7 @@ use chatbridge::market::fake::{FakeMethod, ScriptedAnswer};
 use chatbridge::settings::Settings;
 use serde_json::{json, Value};
 
-use crate::helpers::*;
+use super::helpers::*;
 use crate::spec::{load_spec, validate, Operation};
 
 const CAMPAIGN: i64 = 21_000_001;
@@ -42,26 +42,6 @@ fn market_sample(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
-impl TestApp {
-    async fn notify(&self, body: &Value) -> (u16, Value) {
-        self.notify_raw(body.to_string().into_bytes(), &[]).await
-    }
-
-    async fn notify_raw(&self, body: Vec<u8>, extra: &[(&str, String)]) -> (u16, Value) {
-        let mut headers = vec![("content-type", "application/json".to_owned())];
-        headers.extend(extra.iter().cloned());
-        self.post_raw("/hooks/market/notification", &headers, body)
-            .await
-    }
-
-    /// The market source's deliveries, from the admin API.
-    async fn market_deliveries(&self) -> Vec<Value> {
-        let mut all = self.all_deliveries().await;
-        all.retain(|d| d["source"] == "market");
-        all
-    }
-}
-
 fn assert_success(status: u16, body: &Value) {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["name"], "chatbridge", "{body}");
@@ -80,17 +60,21 @@ fn assert_success(status: u16, body: &Value) {
 #[actix_rt::test]
 async fn ping_is_answered_while_the_store_cannot_write() {
     let app = market_app(true).await;
-    // Another connection holds the database's write lock: the store's
-    // writer cannot commit anything until it is released.
-    let db = rusqlite::Connection::open(app.root.path().join("chatbridge.db")).unwrap();
-    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Another connection holds the database's write lock (on PostgreSQL,
+    // the events table's): the store cannot store anything until it goes.
+    let db = app.raw_db().await;
+    db.batch(
+        "BEGIN IMMEDIATE",
+        "BEGIN; LOCK TABLE events IN EXCLUSIVE MODE",
+    )
+    .await;
 
     let (status, body) = app
         .notify(&json!({"notificationType": "PING", "time": "2026-11-20T09:15:00.000Z"}))
         .await;
 
     assert_success(status, &body);
-    db.execute_batch("ROLLBACK").unwrap();
+    db.batch("ROLLBACK", "ROLLBACK").await;
     app.stop().await;
 }
 
@@ -192,14 +176,11 @@ async fn unknown_types_and_statuses_are_stored_and_answered_200_without_deliveri
         .admin_get("/admin/events?source=market&event_id=ORDER_STATUS_UPDATED%20orderId%3D61234501%20status%3DTELEPORTED%20substatus%3DDELIVERY_SERVICE_RECEIVED")
         .await;
     assert_eq!(status, 200, "{event}");
-    let db = rusqlite::Connection::open(app.root.path().join("chatbridge.db")).unwrap();
-    let stored: i64 = db
-        .query_row(
-            "SELECT COUNT(*) FROM events WHERE source = 'market' AND event_type = 'ORDER_TELEPORTED'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let stored = app
+        .raw_db()
+        .await
+        .count("SELECT COUNT(*) FROM events WHERE source = 'market' AND event_type = 'ORDER_TELEPORTED'")
+        .await;
     assert_eq!(stored, 1);
     assert!(app.market_deliveries().await.is_empty());
     app.stop().await;
@@ -250,11 +231,14 @@ async fn malformed_notifications_are_400_wrong_event_format() {
 #[actix_rt::test]
 async fn a_store_failure_answers_500_unknown_and_the_markets_retry_is_accepted() {
     let app = market_app(true).await;
-    let db = rusqlite::Connection::open(app.root.path().join("chatbridge.db")).unwrap();
-    db.execute_batch(
+    let db = app.raw_db().await;
+    db.batch(
         "CREATE TRIGGER broken BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
+        "CREATE FUNCTION broken() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'disk on fire'; END $$;
+         CREATE TRIGGER broken BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION broken();",
     )
-    .unwrap();
+    .await;
 
     let (status, body) = app.notify(&market_sample("order_cancelled")).await;
     assert_eq!(status, 500, "{body}");
@@ -264,7 +248,8 @@ async fn a_store_failure_answers_500_unknown_and_the_markets_retry_is_accepted()
         "internals stay in the log: {body}"
     );
 
-    db.execute_batch("DROP TRIGGER broken").unwrap();
+    db.batch("DROP TRIGGER broken", "DROP TRIGGER broken ON events")
+        .await;
     let (status, body) = app.notify(&market_sample("order_cancelled")).await;
     assert_success(status, &body);
     assert_eq!(app.wait_for_delivered(1).await.len(), 1);

@@ -91,12 +91,10 @@ async fn max_in_flight_and_the_quota_hold_across_two_instances() {
     const BUSINESS: i64 = 222;
     const QUOTA: u32 = 6;
     const EVENTS: i64 = 14;
-    let caps = || -> Option<Box<dyn Fn(&mut Settings) + Send + Sync>> {
-        Some(Box::new(|s: &mut Settings| {
-            s.market.max_in_flight = 2;
-            s.market.hourly_limit = QUOTA;
-        }))
-    };
+    fn caps(s: &mut Settings) {
+        s.market.max_in_flight = 2;
+        s.market.hourly_limit = QUOTA;
+    }
     let first = postgres_app(TestOptions {
         // The Market's own limits match, so it would refuse (420) what
         // goes beyond them; its latency makes sends overlap.
@@ -107,13 +105,13 @@ async fn max_in_flight_and_the_quota_hold_across_two_instances() {
             latency_ms: 200,
             ..FakeConfig::default()
         },
-        tweak: caps(),
+        tweak: Some(Box::new(caps)),
         ..TestOptions::default()
     })
     .await;
     let second = first
         .another(TestOptions {
-            tweak: caps(),
+            tweak: Some(Box::new(caps)),
             ..TestOptions::default()
         })
         .await;
