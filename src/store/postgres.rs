@@ -96,12 +96,44 @@ fn out_of_reach(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn migrations() -> Vec<&'static str> {
-    SCHEMA
-        .split("-- migration ")
-        .skip(1)
-        .map(|part| part.split_once('\n').map(|(_, sql)| sql).unwrap_or(""))
-        .collect()
+/// The first release split `schema.sql` on the text "-- migration ", which
+/// its header comment also contains: it applied that comment as version 1,
+/// so migration N is recorded as version N + 1 in every database it made.
+/// Kept, so that it and this version agree on what a database has.
+const VERSION_OFFSET: i32 = 1;
+
+/// The migrations of `schema`, in order, as `(recorded version, sql)`. A
+/// migration starts at a line that is exactly `-- migration N`; a mention
+/// of one elsewhere (in a comment) starts nothing. Its numbers must run
+/// 1, 2, 3...: a gap or a repeat is an error in the file.
+fn parse_migrations(schema: &'static str) -> Result<Vec<(i32, &'static str)>, String> {
+    let mut starts = Vec::new();
+    let mut offset = 0;
+    for line in schema.split_inclusive('\n') {
+        let label = line.trim_end().strip_prefix("-- migration ");
+        if let Some(n) = label.and_then(|n| n.trim().parse::<i32>().ok()) {
+            starts.push((n, offset, offset + line.len()));
+        }
+        offset += line.len();
+    }
+    let mut parts = Vec::with_capacity(starts.len());
+    for (i, &(n, _, body)) in starts.iter().enumerate() {
+        if n != i as i32 + 1 {
+            return Err(format!(
+                "schema.sql: migration {} is labelled {n}; number them 1, 2, 3... in order",
+                i + 1
+            ));
+        }
+        let end = starts
+            .get(i + 1)
+            .map_or(schema.len(), |&(_, start, _)| start);
+        parts.push((n + VERSION_OFFSET, &schema[body..end]));
+    }
+    Ok(parts)
+}
+
+fn migrations() -> StoreResult<Vec<(i32, &'static str)>> {
+    parse_migrations(SCHEMA).map_err(StoreError::Database)
 }
 
 /// TLS as libpq does it for `sslmode=prefer` (the default) and `require`:
@@ -301,21 +333,18 @@ async fn migrate(pool: &Pool) -> StoreResult<()> {
         .await
         .map_err(db_error)?
         .get(0);
-    let scripts = migrations();
-    if version as usize > scripts.len() {
+    let scripts = migrations()?;
+    let newest = scripts.last().map_or(0, |&(v, _)| v);
+    if version > newest {
         return Err(StoreError::Database(format!(
-            "the database schema is version {version}, newer than this chatbridge knows ({}); upgrade chatbridge",
-            scripts.len()
+            "the database schema is version {version}, newer than this chatbridge knows ({newest}); upgrade chatbridge"
         )));
     }
-    for (i, script) in scripts.iter().enumerate().skip(version as usize) {
+    for &(v, script) in scripts.iter().filter(|&&(v, _)| v > version) {
         tx.batch_execute(script).await.map_err(db_error)?;
-        tx.execute(
-            "INSERT INTO chatbridge_schema (version) VALUES ($1)",
-            &[&(i as i32 + 1)],
-        )
-        .await
-        .map_err(db_error)?;
+        tx.execute("INSERT INTO chatbridge_schema (version) VALUES ($1)", &[&v])
+            .await
+            .map_err(db_error)?;
     }
     tx.commit().await.map_err(db_error)
 }
@@ -1597,5 +1626,42 @@ impl Store for PostgresStore {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{migrations, parse_migrations, VERSION_OFFSET};
+
+    #[test]
+    fn each_numbered_part_of_the_schema_is_one_migration_and_a_mention_in_a_comment_is_none() {
+        let parts = parse_migrations(
+            "-- Parts between `-- migration N` lines run once.\n-- migration 1\nCREATE TABLE a (x INT);\n\
+             -- a comment about -- migration 3\n-- migration 2\nALTER TABLE a ADD y INT;\n",
+        )
+        .unwrap();
+        assert_eq!(
+            parts,
+            [
+                (
+                    1 + VERSION_OFFSET,
+                    "CREATE TABLE a (x INT);\n-- a comment about -- migration 3\n"
+                ),
+                (2 + VERSION_OFFSET, "ALTER TABLE a ADD y INT;\n"),
+            ]
+        );
+        let err =
+            parse_migrations("-- migration 1\nSELECT 1;\n-- migration 3\nSELECT 3;\n").unwrap_err();
+        assert!(err.contains("labelled 3"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_schema_keeps_the_versions_databases_already_have() {
+        let parts = migrations().unwrap();
+        // Made by the first release: migration 1 is version 2, 2 is 3.
+        assert_eq!(parts[0].0, 2);
+        assert!(parts[0].1.contains("CREATE TABLE events"), "{}", parts[0].1);
+        assert!(parts[1].1.contains("CREATE TABLE market_campaigns"));
+        assert!(parts.iter().all(|(_, sql)| !sql.trim().is_empty()));
     }
 }
