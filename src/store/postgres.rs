@@ -18,7 +18,10 @@
 //!   later delivery of a conversation whose earlier one is not yet visible;
 //! - `record`/`release` change a delivery only while it carries the
 //!   claim's token; a 420 or a call that never left gives its quota slot
-//!   back, any other answer moves the slot to the answer's time.
+//!   back, any other answer moves the slot to the answer's time; a call
+//!   whose process died keeps its slot while it is in flight and, once its
+//!   lease is reclaimed, from the lease's end (the Market may have counted
+//!   it that late), so a crash never frees a slot early.
 //!
 //! Connections come from a deadpool pool that lives on the store's own
 //! runtime thread, so they do not die with the actix worker that happened
@@ -657,20 +660,36 @@ async fn claim_heads(
 
 /// How many calls of `method` the business may still start: its quota
 /// left in the window (slots taken by every process) and its 420 pause.
+///
+/// A slot counts from its time (the claim's, then the answer's) for one
+/// window; and, while its call is still in flight, for as long as its
+/// lease: the Market counts a call when the call arrives, which may be
+/// later than the claim, by up to the request timeout (shorter than the
+/// lease). A slot older than window + lease is over whatever became of it.
 async fn method_room(
     c: &impl GenericClient,
     business: BusinessId,
     method: MarketMethod,
     limit: u32,
     window_ms: Millis,
+    lease_ms: Millis,
     now: Millis,
 ) -> StoreResult<usize> {
     let row = c
         .query_one(
-            "SELECT (SELECT COUNT(*) FROM quota_slots
-                     WHERE business_id = $1 AND method = $2 AND taken_at > $3),
+            "SELECT (SELECT COUNT(*) FROM quota_slots q
+                     WHERE q.business_id = $1 AND q.method = $2 AND q.taken_at > $4
+                       AND (q.taken_at > $3 OR EXISTS (
+                           SELECT 1 FROM deliveries d
+                           WHERE d.id = q.delivery_id AND d.claim_token = q.claim_token
+                             AND d.state = 'sending'))),
                     (SELECT until_at FROM method_pauses WHERE business_id = $1 AND method = $2)",
-            &[&business.0, &method.as_str(), &(now - window_ms)],
+            &[
+                &business.0,
+                &method.as_str(),
+                &(now - window_ms),
+                &(now - window_ms - lease_ms.max(0)),
+            ],
         )
         .await
         .map_err(db_error)?;
@@ -888,6 +907,7 @@ impl Store for PostgresStore {
                         MarketMethod::CreateChat,
                         caps.lookup_limit,
                         caps.window_ms,
+                        lease_until - now,
                         now,
                     )
                     .await?,
@@ -899,6 +919,7 @@ impl Store for PostgresStore {
                         MarketMethod::SendMessage,
                         caps.send_limit,
                         caps.window_ms,
+                        lease_until - now,
                         now,
                     )
                     .await?,
@@ -1175,9 +1196,18 @@ impl Store for PostgresStore {
     async fn reclaim_expired(&self, now: Millis, ours: Vec<i64>) -> StoreResult<u64> {
         self.with(move |c| {
             Box::pin(async move {
+                // The Market may have counted a lost call as late as its
+                // lease's end (see `method_room`): its slot counts from there.
                 c.execute(
-                    "UPDATE deliveries SET state = 'queued', lease_until = NULL, updated_at = $1
-                     WHERE state = 'sending' AND lease_until < $1 AND NOT (id = ANY($2))",
+                    "WITH lost AS (
+                         SELECT id, claim_token, lease_until FROM deliveries
+                         WHERE state = 'sending' AND lease_until < $1 AND NOT (id = ANY($2))
+                         FOR UPDATE SKIP LOCKED),
+                     slots AS (
+                         UPDATE quota_slots q SET taken_at = GREATEST(q.taken_at, lost.lease_until)
+                         FROM lost WHERE q.claim_token = lost.claim_token)
+                     UPDATE deliveries d SET state = 'queued', lease_until = NULL, updated_at = $1
+                     FROM lost WHERE d.id = lost.id",
                     &[&now, &ours],
                 )
                 .await

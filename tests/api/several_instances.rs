@@ -319,6 +319,66 @@ async fn a_late_answer_under_a_lease_taken_over_cannot_overwrite_the_new_owners_
     drop((old, new));
 }
 
+#[actix_rt::test]
+async fn a_send_lost_with_its_process_keeps_its_quota_slot_as_long_as_the_market_may_count_it() {
+    const WINDOW: i64 = 10_000;
+    let database = TestDatabase::create().await;
+    let dead = chatbridge::store::open(&storage(&database.url)).unwrap();
+    let alive = chatbridge::store::open(&storage(&database.url)).unwrap();
+    dead.insert_event(one_message("lost-1", 9101))
+        .await
+        .unwrap();
+    alive
+        .insert_event(one_message("lost-2", 9102))
+        .await
+        .unwrap();
+    let one_per_window = ClaimLimits {
+        caps: SharedCaps {
+            send_limit: 1,
+            window_ms: WINDOW,
+            ..limits().caps
+        },
+        ..limits()
+    };
+    let claim = |store: &Arc<dyn chatbridge::store::Store>, now: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .claim(BusinessId(333), now, now + 5_000, one_per_window, false)
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+
+    // Claimed at T with a lease to T + 5 s; the process dies with the
+    // request out. The Market counted it when it came, as late as the
+    // request timeout (shorter than the lease) allowed: its window may
+    // last to T + 15 s.
+    const T: i64 = 1_000;
+    assert_eq!(claim(&dead, T).await, 1);
+    drop(dead);
+    let still_in_flight = claim(&alive, T + WINDOW + 1).await;
+    let reclaimed = alive
+        .reclaim_expired(T + WINDOW + 500, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(reclaimed, 1);
+    let after_reclaim = claim(&alive, T + 12_000).await;
+    let after_its_window = claim(&alive, T + 5_000 + WINDOW + 1).await;
+
+    assert_eq!(
+        (still_in_flight, after_reclaim),
+        (0, 0),
+        "a second send within the window the Market may still count the lost one in"
+    );
+    assert_eq!(
+        after_its_window, 1,
+        "the slot is free once the window surely ended"
+    );
+    drop(alive);
+}
+
 /// The schema versions recorded in a database, in order.
 async fn schema_versions(url: &str) -> Vec<i32> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
