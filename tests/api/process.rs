@@ -44,6 +44,8 @@ impl ServeRoot {
     }
 
     /// Every process started from this root uses `url` as its store.
+    // Used by the PostgreSQL-only tests, compiled only with the URL set.
+    #[cfg_attr(not(postgres_tests), allow(dead_code))]
     pub fn with_storage(mut self, url: &str) -> Self {
         url.clone_into(&mut self.storage_url);
         self
