@@ -662,6 +662,13 @@ impl Settings {
                 "storage.url {:?} is not supported: write sqlite://path/to/file.db or postgres://user@host:port/database",
                 crate::store::redact_url(&self.storage.url)
             ));
+        } else if crate::store::is_postgres(&self.storage.url) {
+            if let Some(problem) = crate::store::postgres_url_problem(&self.storage.url) {
+                out.push(format!(
+                    "storage.url {:?}: {problem}",
+                    crate::store::redact_url(&self.storage.url)
+                ));
+            }
         }
         if self.storage.pool_size == 0 || self.storage.connect_timeout_secs == 0 {
             out.push(

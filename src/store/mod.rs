@@ -40,7 +40,7 @@ use crate::clock::Millis;
 use crate::domain::{BusinessId, ChatContext, ChatId, DeliveryState, MarketMethod, Target};
 
 pub use lock::ServeLock;
-pub use postgres::PostgresStore;
+pub use postgres::{postgres_url_problem, PostgresStore};
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -54,12 +54,63 @@ pub struct PostgresStore {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
+/// What is wrong with a `postgres://` `storage.url`, said so that `check`,
+/// `serve` and `store copy --to` refuse it alike, before connecting:
+/// tokio-postgres' own parse error names only "invalid connection string",
+/// and two mistakes parse fine but go wrong later (a database name left out
+/// silently means the database named like the user, e.g. `postgres`; an `@`
+/// in the password makes the rest of the password the host name). The
+/// caller names the URL (redacted) before the text.
+pub fn postgres_url_problem(url: &str) -> Option<String> {
+    let config = match tokio_postgres::Config::from_str(url) {
+        Ok(config) => config,
+        Err(e) => {
+            // The cause names the option (never its value, so no password).
+            let why =
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+            let hint = if why.contains("`sslmode`") {
+                "sslmode may be disable, prefer or require (verify-ca and verify-full are not supported)"
+            } else if why.contains("`port`") {
+                "the port must be a number from 1 to 65535"
+            } else if why.contains("unknown option") {
+                "check its spelling (the ones often used: sslmode, connect_timeout, application_name)"
+            } else {
+                "write postgres://user:password@host:5432/database"
+            };
+            return Some(format!("not a PostgreSQL URL: {why}; {hint}"));
+        }
+    };
+    let at_in_host = config.get_hosts().iter().any(|h| match h {
+        tokio_postgres::config::Host::Tcp(name) => name.contains('@'),
+        #[cfg(unix)]
+        tokio_postgres::config::Host::Unix(_) => false,
+    });
+    if at_in_host {
+        return Some(
+            "the password or user name holds an @, so what follows it is read as the host; write each @ in them as %40"
+                .into(),
+        );
+    }
+    if config.get_dbname().is_none_or(str::is_empty) {
+        return Some(
+            "it names no database: write one after the host, postgres://user@host:5432/chatbridge (without one PostgreSQL picks the database named like the user, such as its maintenance database `postgres`)"
+                .into(),
+        );
+    }
+    None
+}
+
 pub(super) fn db_error(e: impl std::error::Error + 'static) -> StoreError {
     // tokio-postgres puts the server's message in the source chain.
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        text = format!("{text}: {s}");
+        // deadpool prints its inner error and also returns it as the
+        // source: said once, not "db error: db error: FATAL ...".
+        let said = s.to_string();
+        if !text.ends_with(&said) {
+            text = format!("{text}: {said}");
+        }
         source = s.source();
     }
     if out_of_reach(&e) {
@@ -207,6 +258,12 @@ impl PostgresStore {
     /// Connects, runs the migrations this version has not seen, and keeps
     /// a pool of `storage.pool_size` connections. Blocks until done.
     pub fn open(settings: &StorageSettings) -> StoreResult<Self> {
+        if let Some(problem) = postgres_url_problem(&settings.url) {
+            return Err(StoreError::Database(format!(
+                "{}: {problem}",
+                redact_url(&settings.url)
+            )));
+        }
         let mut config = tokio_postgres::Config::from_str(&settings.url).map_err(|e| {
             StoreError::Database(format!(
                 "{} is not a PostgreSQL URL: {e}",

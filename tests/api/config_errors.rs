@@ -194,6 +194,50 @@ fn a_mistake_in_an_environment_variable_names_the_variable_not_the_file() {
 }
 
 #[test]
+fn check_refuses_a_postgres_url_serve_could_not_use_without_showing_the_password() {
+    let root = project(&[]);
+    for (url, says) in [
+        (
+            "postgres://app:s3cret@127.0.0.1:5432/chat?sslmode=verify-full",
+            "not a PostgreSQL URL: invalid value for option `sslmode`; sslmode may be disable, prefer or require (verify-ca and verify-full are not supported)",
+        ),
+        (
+            "postgres://app:s3cret@127.0.0.1:5432/chat?sslmod=require",
+            "not a PostgreSQL URL: unknown option `sslmod`",
+        ),
+        (
+            "postgres://app:s3cret@127.0.0.1:99999/chat",
+            "invalid value for option `port`; the port must be a number from 1 to 65535",
+        ),
+        (
+            "postgresql://app:s3cret@127.0.0.1:5432",
+            "it names no database: write one after the host, postgres://user@host:5432/chatbridge",
+        ),
+        (
+            "postgres://app:s3c@ret@127.0.0.1:5432/chat",
+            "the password or user name holds an @, so what follows it is read as the host; write each @ in them as %40",
+        ),
+    ] {
+        let (ok, out) = check(root.path(), &[("CHATBRIDGE__STORAGE__URL", url)]);
+        assert!(!ok, "{url}: {out}");
+        assert!(
+            out.contains("environment variable CHATBRIDGE__STORAGE__URL: storage.url \"postgres"),
+            "{url}: {out}"
+        );
+        assert!(out.contains(says), "{url}: {out}");
+        assert!(!out.contains("s3cret") && !out.contains("ret@"), "{url}: {out}");
+    }
+    // Written correctly, each is accepted (check does not connect).
+    for url in [
+        "postgres://app:s3c%40ret@127.0.0.1:5432/chat?sslmode=require",
+        "postgresql://app@127.0.0.1/chat",
+    ] {
+        let (ok, out) = check(root.path(), &[("CHATBRIDGE__STORAGE__URL", url)]);
+        assert!(ok, "{url}: {out}");
+    }
+}
+
+#[test]
 fn check_refuses_a_listen_address_serve_could_not_bind() {
     let shipped = std::fs::read_to_string(repo().join("config/chatbridge.toml")).unwrap();
     let settings = shipped.replace("\"127.0.0.1:8080\"", "\"127.0.0.1:80800\"");

@@ -64,6 +64,50 @@ fn a_wrong_scheme_or_an_unreachable_target_is_a_clear_error_without_the_password
         "{err}"
     );
     assert!(!err.contains("s3cret"), "{err}");
+    // The pool's error and the driver's are each said once.
+    assert!(
+        !err.contains("error connecting to server: error connecting to server"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_target_url_serve_could_not_use_is_refused_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("chatbridge.db");
+    chatbridge::store::SqliteStore::open(&db).unwrap();
+    let from = format!("sqlite://{}", db.display());
+    for (to, says) in [
+        // Without a database name PostgreSQL would pick the user's, here
+        // the maintenance database `postgres`. (Port 1: should the check
+        // be gone, nothing listens there and no database is touched.)
+        (
+            "postgres://postgres:s3cret@127.0.0.1:1",
+            "it names no database: write one after the host",
+        ),
+        (
+            "postgres://app:s3c@ret@127.0.0.1:1/chat",
+            "write each @ in them as %40",
+        ),
+        (
+            "postgresql://app:s3cret@127.0.0.1:1/chat?sslmode=verify-full",
+            "invalid value for option `sslmode`; sslmode may be disable, prefer or require",
+        ),
+        (
+            "postgres://app:s3cret@127.0.0.1:99999/chat",
+            "invalid value for option `port`; the port must be a number from 1 to 65535",
+        ),
+    ] {
+        let out = store_copy(&["--from", &from, "--to", to]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{to}: {err}");
+        assert!(err.contains(says), "{to}: {err}");
+        assert!(err.contains("--to \"postgres"), "{to}: {err}");
+        assert!(
+            !err.contains("s3cret") && !err.contains("ret@"),
+            "{to}: {err}"
+        );
+    }
 }
 
 #[cfg(not(postgres_tests))]
@@ -629,7 +673,7 @@ mod postgres {
         let err = text(&resumed.stderr);
         assert_eq!(resumed.status.code(), Some(0), "{err}");
         assert!(
-            err.contains("events: 20000 rows; going on after 20000"),
+            err.contains("events: 20000 rows; going on after id 20000"),
             "{err}"
         );
 

@@ -38,8 +38,8 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::postgres::db_error;
 use super::{
-    is_postgres, redact_url, sqlite_path, PostgresStore, ServeLock, SqliteStore, StoreError,
-    StoreResult,
+    is_postgres, postgres_url_problem, redact_url, sqlite_path, PostgresStore, ServeLock,
+    SqliteStore, StoreError, StoreResult,
 };
 use crate::settings::StorageSettings;
 pub use tables::Table;
@@ -128,6 +128,9 @@ pub fn copy(
         return Err(CopyError::Usage(format!(
             "--to {to:?}: the target must be a PostgreSQL database, postgres://user@host:5432/database"
         )));
+    }
+    if let Some(problem) = postgres_url_problem(&request.to) {
+        return Err(CopyError::Usage(format!("--to {to:?}: {problem}")));
     }
     if request.batch == 0 {
         return Err(CopyError::Usage("--batch must be at least 1".into()));
@@ -455,7 +458,7 @@ fn copy_table(
     let mut cursor = table.start(target)?;
     match &cursor {
         Cursor::Id(after) if *after > 0 => {
-            progress(&format!("{name}: {rows} rows; going on after {after}"))
+            progress(&format!("{name}: {rows} rows; going on after id {after}"))
         }
         _ => progress(&format!("{name}: {rows} rows")),
     }
