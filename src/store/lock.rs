@@ -41,7 +41,8 @@ impl ServeLock {
             })?;
         match file.try_lock() {
             Ok(()) => Ok(Self { _file: file, path }),
-            Err(TryLockError::WouldBlock) => Err(StoreError::Database(format!(
+            // Conflict: the caller words what to do (serve and copy differ).
+            Err(TryLockError::WouldBlock) => Err(StoreError::Conflict(format!(
                 "another chatbridge is serving {} (it holds {}); stop it first, or give this one \
                  another database (storage.url). Several processes on one SQLite file would \
                  double the Market quota and break per-chat order",

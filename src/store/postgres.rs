@@ -382,9 +382,13 @@ async fn migrate(pool: &Pool) -> StoreResult<()> {
     tx.execute("SELECT pg_advisory_xact_lock($1, 0)", &[&MIGRATE_LOCK])
         .await
         .map_err(db_error)?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS chatbridge_schema (version INTEGER NOT NULL)")
-        .await
-        .map_err(db_error)?;
+    // Without the NOTICE "already exists, skipping" at every start.
+    tx.batch_execute(
+        "SET LOCAL client_min_messages = warning;
+         CREATE TABLE IF NOT EXISTS chatbridge_schema (version INTEGER NOT NULL)",
+    )
+    .await
+    .map_err(db_error)?;
     let version: i32 = tx
         .query_one(
             "SELECT COALESCE(MAX(version), 0) FROM chatbridge_schema",
@@ -399,6 +403,31 @@ async fn migrate(pool: &Pool) -> StoreResult<()> {
         return Err(StoreError::Database(format!(
             "the database schema is version {version}, newer than this chatbridge knows ({newest}); upgrade chatbridge"
         )));
+    }
+    if version == 0 {
+        // A database chatbridge has never migrated: refuse one whose tables
+        // would collide with ours rather than fail half-way through.
+        let foreign: Vec<String> = tx
+            .query(
+                "SELECT table_name::text FROM information_schema.tables
+                 WHERE table_schema = current_schema()
+                   AND table_name IN ('events', 'deliveries', 'attempts', 'chat_contexts',
+                                      'quota_slots', 'method_pauses', 'market_campaigns')
+                 ORDER BY table_name",
+                &[],
+            )
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !foreign.is_empty() {
+            return Err(StoreError::Conflict(format!(
+                "the database already holds tables chatbridge did not make ({}); give chatbridge \
+                 a database (or schema) of its own",
+                foreign.join(", ")
+            )));
+        }
     }
     for &(v, script) in scripts.iter().filter(|&&(v, _)| v > version) {
         tx.batch_execute(script).await.map_err(db_error)?;

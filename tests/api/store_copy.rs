@@ -457,6 +457,17 @@ mod postgres {
         app.stop().await;
     }
 
+    /// Runs `sql` on the database at `url`.
+    async fn pg_exec(url: &str, sql: &str) {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        let driver = actix_rt::spawn(connection);
+        client.batch_execute(sql).await.expect(sql);
+        drop(client);
+        let _ = driver.await;
+    }
+
     /// One number from the database at `url`.
     async fn pg_number(url: &str, sql: &str) -> i64 {
         let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -521,6 +532,27 @@ mod postgres {
         }
         assert_eq!(pg_number(&busy, "SELECT COUNT(*) FROM events").await, 1);
         other.stop().await;
+
+        // A database another application uses: refused (exit 2, nothing
+        // to resume), naming the tables in the way.
+        let foreign = TestDatabase::create().await;
+        pg_exec(&foreign.url, "CREATE TABLE events (x INTEGER)").await;
+        let refused = store_copy(&["--from", &from, "--to", &foreign.url]);
+        assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
+        let err = text(&refused.stderr);
+        assert!(
+            err.contains("tables chatbridge did not make (events)"),
+            "{err}"
+        );
+        assert_eq!(
+            pg_number(
+                &foreign.url,
+                "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'deliveries'"
+            )
+            .await,
+            0,
+            "nothing was created beside the other application's tables"
+        );
 
         // Into an empty database it goes; once.
         let copied = store_copy(&["--from", &from, "--to", &target.url]);

@@ -143,8 +143,14 @@ pub fn copy(
         )));
     }
     // Held to the end: no serve changes the file under the copy.
-    let _lock = ServeLock::acquire(path)
-        .map_err(|e| CopyError::Refused(format!("cannot copy {}: {}", path.display(), plain(e))))?;
+    let _lock = ServeLock::acquire(path).map_err(|e| match e {
+        StoreError::Conflict(_) => CopyError::Refused(format!(
+            "cannot copy {}: another chatbridge is serving it; stop it first (the copy must \
+             see the file at rest, and no serve may start until the copy is done)",
+            path.display()
+        )),
+        e => CopyError::Refused(format!("cannot copy {}: {}", path.display(), plain(e))),
+    })?;
     // The file's schema brought up to this version's, as serve would.
     drop(
         SqliteStore::open(path).map_err(|e| {
@@ -160,7 +166,11 @@ pub fn copy(
         connect_timeout_secs: 10,
         ..StorageSettings::default()
     })
-    .map_err(|e| CopyError::Failed(format!("cannot open the target {to}: {}", plain(e))))?;
+    .map_err(|e| match e {
+        // It holds tables of something else: running again changes nothing.
+        StoreError::Conflict(why) => CopyError::Refused(format!("the target {to}: {why}")),
+        e => CopyError::Failed(format!("cannot open the target {to}: {}", plain(e))),
+    })?;
     take_copy_lock(&target, &to)?;
     let source_name = path.display().to_string();
     match prepare_target(&target, &source_name, &fingerprint, request.resume, &to)? {
