@@ -133,10 +133,19 @@ async fn try_reload(state: &AppState) -> Result<Applied, Vec<String>> {
 /// back says nothing, and a change still waiting is named again.
 fn startup_only_changes(running: &Settings, new: &Settings) -> Vec<&'static str> {
     let (a, b) = (running, new);
-    let checks: [(&'static str, bool); 11] = [
+    let checks: [(&'static str, bool); 13] = [
         ("server.listen", a.server.listen != b.server.listen),
         ("server.workers", a.server.workers != b.server.workers),
         ("storage.url", a.storage.url != b.storage.url),
+        // The pool (and the listener) are built once, when the store opens.
+        (
+            "storage.pool_size",
+            a.storage.pool_size != b.storage.pool_size,
+        ),
+        (
+            "storage.connect_timeout_secs",
+            a.storage.connect_timeout_secs != b.storage.connect_timeout_secs,
+        ),
         (
             "server.client_request_timeout_ms",
             a.server.client_request_timeout_ms != b.server.client_request_timeout_ms,

@@ -242,3 +242,17 @@ async fn a_reload_names_each_startup_setting_that_really_differs_from_the_one_in
     );
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_reload_says_the_storage_pool_settings_wait_for_a_restart() {
+    let app = spawn_app().await;
+    // The store's pool (and its listener) are built once, at start.
+    set_setting(
+        app.root.path(),
+        "retention_days = 30",
+        "retention_days = 30\nconnect_timeout_secs = 9",
+    );
+    let changed = reload(&app).await;
+    assert_eq!(changed, ["storage.connect_timeout_secs"]);
+    app.stop().await;
+}
