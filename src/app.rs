@@ -191,6 +191,13 @@ impl Application {
         })
     }
 
+    /// Stops the dispatcher for good; the service keeps accepting webhooks
+    /// and answering the admin API. For tests of several instances on one
+    /// database where one of them only accepts work.
+    pub fn stop_dispatcher(&self) {
+        self.dispatcher.stop();
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

@@ -345,7 +345,15 @@ pub struct DispatchSettings {
     pub throttle_backoff_secs: u64,
     /// Deliveries claimed per business per round.
     pub claim_batch: usize,
+    /// The longest the dispatcher waits without looking at the queue. Its
+    /// own webhooks and sends wake it at once, and on PostgreSQL so does
+    /// work accepted by another instance (LISTEN/NOTIFY); this is the
+    /// fallback, and what notices a manual clock moved or a lease expired.
+    pub poll_interval_ms: u64,
 }
+
+/// Below this, `dispatch.poll_interval_ms` would keep the dispatcher busy.
+pub const MIN_POLL_INTERVAL_MS: u64 = 10;
 
 impl Default for DispatchSettings {
     fn default() -> Self {
@@ -357,6 +365,7 @@ impl Default for DispatchSettings {
             held_retry_secs: 300,
             throttle_backoff_secs: 60,
             claim_batch: 16,
+            poll_interval_ms: 500,
         }
     }
 }
@@ -717,6 +726,12 @@ impl Settings {
                 "dispatch.initial_backoff_secs, lease_secs and claim_batch must each be at least 1"
                     .into(),
             );
+        }
+        if self.dispatch.poll_interval_ms < MIN_POLL_INTERVAL_MS {
+            out.push(format!(
+                "dispatch.poll_interval_ms = {}: must be at least {MIN_POLL_INTERVAL_MS} (the dispatcher would spin); the default is 500",
+                self.dispatch.poll_interval_ms
+            ));
         }
         for (name, source) in &self.sources {
             out.extend(source_problems(name, source));

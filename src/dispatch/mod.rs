@@ -61,8 +61,6 @@ use quota::QuotaLog;
 use retry::{decide, next_attempt, throttled_until, window_surely_over, Decision};
 use status::{publish, DispatchStatus, PauseReason};
 
-/// Real-time cap on any wait, so a stuck clock or a lost wake-up costs at most this.
-const MAX_IDLE: Duration = Duration::from_millis(500);
 /// Shortest time between two rounds started by wake-ups.
 const MIN_ROUND_GAP: Duration = Duration::from_millis(2);
 /// The longest wait between two tries while the store fails.
@@ -160,6 +158,9 @@ pub fn spawn(
     health: Arc<StoreHealth>,
 ) -> DispatcherHandle {
     let settings = &pipeline.load().settings;
+    // On a database shared by several processes, work another one accepts
+    // wakes this dispatcher too.
+    store.wake_on_work(wake.clone());
     let client = MarketClient::new(
         &settings.market.base_url,
         Duration::from_secs(settings.market.request_timeout_secs),
@@ -254,11 +255,17 @@ async fn run(shared: Rc<Shared>, mut stop: watch::Receiver<bool>) {
                     shared.clock.sleep_until(wake_at).await
                 }
             } => {}
-            _ = tokio::time::sleep(MAX_IDLE) => {}
+            // Real-time cap on any wait (`dispatch.poll_interval_ms`), so
+            // a manual clock moved or a lost wake-up costs at most this.
+            _ = tokio::time::sleep(poll_interval(&shared)) => {}
             _ = stop.changed() => {}
         }
     }
     drain(&shared).await;
+}
+
+fn poll_interval(shared: &Shared) -> Duration {
+    Duration::from_millis(shared.pipeline.load().settings.dispatch.poll_interval_ms)
 }
 
 /// Waits for in-flight sends, then gives back what is still leased.
@@ -391,7 +398,7 @@ async fn round(
         prune(shared, now, pipeline.settings.storage.retention_days).await?;
     }
     // Nothing to wait for on the clock unless something below says so;
-    // sends finishing wake us, and MAX_IDLE covers the rest (leases).
+    // sends finishing wake us, and the poll interval covers the rest (leases).
     let mut wake_at = Millis::MAX;
     if *shared.seen_version.borrow() != pipeline.version {
         // A reload may carry a fixed key: probe held businesses now.

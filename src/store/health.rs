@@ -329,6 +329,10 @@ impl Store for Watched {
         self.watch(Write, self.inner.ping()).await
     }
 
+    fn wake_on_work(&self, wake: Arc<Notify>) {
+        self.inner.wake_on_work(wake);
+    }
+
     async fn campaign_business(&self, campaign: i64) -> StoreResult<Option<BusinessId>> {
         self.watch(Read, self.inner.campaign_business(campaign))
             .await

@@ -417,6 +417,13 @@ pub trait Store: Send + Sync + 'static {
     /// whose chat is still to be found), and how many (of the rest) wait for a later
     /// retry time. For the admin's queue view; not on the hot path.
     async fn queue_waits(&self, business: BusinessId, now: Millis) -> StoreResult<QueueWaits>;
+
+    /// Wakes `wake` whenever another process on the same database may have
+    /// made work due, and once more after that channel recovers from an
+    /// outage (a rescan: what happened meanwhile went unheard). Nothing to
+    /// do for a backend one process owns (SQLite): its own handlers and
+    /// sends wake the dispatcher. (No default: a wrapper must pass it on.)
+    fn wake_on_work(&self, wake: std::sync::Arc<tokio::sync::Notify>);
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]

@@ -23,9 +23,13 @@
 //!   lease is reclaimed, from the lease's end (the Market may have counted
 //!   it that late), so a crash never frees a slot early.
 //!
+//! - whatever makes work due notifies the other instances on commit
+//!   (LISTEN/NOTIFY, see `postgres/listen.rs`), so an instance wakes
+//!   promptly when another accepts work.
+//!
 //! Connections come from a deadpool pool that lives on the store's own
 //! runtime thread, so they do not die with the actix worker that happened
-//! to open them.
+//! to open them; the listener's connection lives there too, outside the pool.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -41,6 +45,10 @@ use super::*;
 use crate::clock::to_rfc3339;
 use crate::settings::StorageSettings;
 
+mod listen;
+
+use listen::announce;
+
 const SCHEMA: &str = include_str!("postgres/schema.sql");
 /// Advisory lock namespaces (the first key of the two-key form).
 const MIGRATE_LOCK: i32 = 0x6362_0001;
@@ -50,6 +58,10 @@ const SUBJECT_LOCK: i32 = 0x6362_0003;
 pub struct PostgresStore {
     pool: Pool,
     runtime: tokio::runtime::Handle,
+    /// What the listener connects with (see `listen`).
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    listening: std::sync::atomic::AtomicBool,
     /// Dropping it ends the runtime thread, closing every connection.
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -274,9 +286,10 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("chatbridge");
         }
+        let tls = tls()?;
         let manager = Manager::from_config(
-            config,
-            tls()?,
+            config.clone(),
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -318,6 +331,9 @@ impl PostgresStore {
         let store = Self {
             pool,
             runtime,
+            config,
+            tls,
+            listening: Default::default(),
             _stop: stop,
         };
         let (done_tx, done_rx) = std::sync::mpsc::channel();
@@ -861,6 +877,8 @@ impl Store for PostgresStore {
                     .await
                     .map_err(db_error)?;
                 let mut deliveries = Vec::with_capacity(event.deliveries.len());
+                // The businesses this event gives work to, to wake other instances.
+                let mut due = Vec::new();
                 for d in &event.deliveries {
                     let (business, text, state, reason) = match (&d.rendered, &superseded) {
                         (Ok(m), Some(why)) => (
@@ -916,6 +934,14 @@ impl Store for PostgresStore {
                         route: d.route.clone(),
                         state,
                     });
+                    if state == DeliveryState::Queued {
+                        due.push(business);
+                    }
+                }
+                due.sort_unstable();
+                due.dedup();
+                for business in due {
+                    announce(&tx, business).await?;
                 }
                 tx.commit().await.map_err(db_error)?;
                 Ok(Inserted::New(StoredEvent {
@@ -1216,6 +1242,11 @@ impl Store for PostgresStore {
                         delivery = attempt.delivery_id,
                         "an answer came after the delivery's lease was taken over; recorded as an attempt only"
                     );
+                } else {
+                    // A request slot is free again, and the delivery is
+                    // back in the queue or the next of its conversation is
+                    // now first: work for any instance.
+                    announce(&tx, Some(attempt.business_id.0)).await?;
                 }
                 tx.commit().await.map_err(db_error)
             })
@@ -1227,8 +1258,9 @@ impl Store for PostgresStore {
         self.with(move |client| {
             Box::pin(async move {
                 let tx = client.transaction().await.map_err(db_error)?;
+                let mut released = 0;
                 for (id, token) in ids {
-                    tx.execute(
+                    released += tx.execute(
                         "UPDATE deliveries SET state = 'queued', lease_until = NULL, updated_at = $2
                          WHERE id = $1 AND state = 'sending' AND claim_token = $3",
                         &[&id, &now, &token],
@@ -1239,6 +1271,9 @@ impl Store for PostgresStore {
                     tx.execute("DELETE FROM quota_slots WHERE claim_token = $1", &[&token])
                         .await
                         .map_err(db_error)?;
+                }
+                if released > 0 {
+                    announce(&tx, None).await?;
                 }
                 tx.commit().await.map_err(db_error)
             })
@@ -1280,24 +1315,31 @@ impl Store for PostgresStore {
     }
 
     async fn reclaim_expired(&self, now: Millis, ours: Vec<i64>) -> StoreResult<u64> {
-        self.with(move |c| {
+        self.with(move |client| {
             Box::pin(async move {
+                let tx = client.transaction().await.map_err(db_error)?;
                 // The Market may have counted a lost call as late as its
                 // lease's end (see `method_room`): its slot counts from there.
-                c.execute(
-                    "WITH lost AS (
-                         SELECT id, claim_token, lease_until FROM deliveries
-                         WHERE state = 'sending' AND lease_until < $1 AND NOT (id = ANY($2))
-                         FOR UPDATE SKIP LOCKED),
-                     slots AS (
-                         UPDATE quota_slots q SET taken_at = GREATEST(q.taken_at, lost.lease_until)
-                         FROM lost WHERE q.claim_token = lost.claim_token)
-                     UPDATE deliveries d SET state = 'queued', lease_until = NULL, updated_at = $1
-                     FROM lost WHERE d.id = lost.id",
-                    &[&now, &ours],
-                )
-                .await
-                .map_err(db_error)
+                let n = tx
+                    .execute(
+                        "WITH lost AS (
+                             SELECT id, claim_token, lease_until FROM deliveries
+                             WHERE state = 'sending' AND lease_until < $1 AND NOT (id = ANY($2))
+                             FOR UPDATE SKIP LOCKED),
+                         slots AS (
+                             UPDATE quota_slots q SET taken_at = GREATEST(q.taken_at, lost.lease_until)
+                             FROM lost WHERE q.claim_token = lost.claim_token)
+                         UPDATE deliveries d SET state = 'queued', lease_until = NULL, updated_at = $1
+                         FROM lost WHERE d.id = lost.id",
+                        &[&now, &ours],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                if n > 0 {
+                    announce(&tx, None).await?;
+                }
+                tx.commit().await.map_err(db_error)?;
+                Ok(n)
             })
         })
         .await
@@ -1321,15 +1363,22 @@ impl Store for PostgresStore {
     }
 
     async fn release_held(&self, business: BusinessId, now: Millis) -> StoreResult<u64> {
-        self.with(move |c| {
+        self.with(move |client| {
             Box::pin(async move {
-                c.execute(
-                    "UPDATE deliveries SET state = 'queued', next_attempt_at = $2, updated_at = $2
-                     WHERE state = 'held' AND business_id = $1",
-                    &[&business.0, &now],
-                )
-                .await
-                .map_err(db_error)
+                let tx = client.transaction().await.map_err(db_error)?;
+                let n = tx
+                    .execute(
+                        "UPDATE deliveries SET state = 'queued', next_attempt_at = $2, updated_at = $2
+                         WHERE state = 'held' AND business_id = $1",
+                        &[&business.0, &now],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                if n > 0 {
+                    announce(&tx, Some(business.0)).await?;
+                }
+                tx.commit().await.map_err(db_error)?;
+                Ok(n)
             })
         })
         .await
@@ -1516,6 +1565,7 @@ impl Store for PostgresStore {
                         "delivery {id} is not failed, dead or cancelled"
                     )));
                 }
+                announce(&tx, Some(message.business_id.0)).await?;
                 tx.commit().await.map_err(db_error)
             })
         })
@@ -1742,6 +1792,18 @@ impl Store for PostgresStore {
             })
         })
         .await
+    }
+
+    fn wake_on_work(&self, wake: Arc<tokio::sync::Notify>) {
+        // One listener per store, however often this is asked.
+        if self
+            .listening
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        self.runtime
+            .spawn(listen::listen(self.config.clone(), self.tls.clone(), wake));
     }
 }
 

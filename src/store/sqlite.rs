@@ -1308,6 +1308,9 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    /// One process per file: its own webhooks and sends wake it.
+    fn wake_on_work(&self, _wake: Arc<tokio::sync::Notify>) {}
 }
 
 #[cfg(test)]

@@ -162,6 +162,9 @@ pub struct TestApp {
     loader: chatbridge::reload::SettingsLoader,
     /// The PostgreSQL database, when the app runs on one.
     pub database: Option<Arc<TestDatabase>>,
+    /// `false`: the app accepts work but never sends
+    /// (`another_without_dispatcher`).
+    dispatching: bool,
 }
 
 pub fn copy_dir(from: &Path, to: &Path) {
@@ -181,6 +184,10 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(options: TestOptions) -> TestApp {
+    spawn(options, true).await
+}
+
+async fn spawn(options: TestOptions, dispatching: bool) -> TestApp {
     let root = tempfile::tempdir().unwrap();
     copy_dir(&repo().join("config"), &root.path().join("config"));
     copy_dir(&repo().join("templates"), &root.path().join("templates"));
@@ -227,7 +234,16 @@ pub async fn spawn_app_with(options: TestOptions) -> TestApp {
         }
         Ok(settings)
     });
-    start(root, market, clock, options.clock, loader, database).await
+    start(
+        root,
+        market,
+        clock,
+        options.clock,
+        loader,
+        database,
+        dispatching,
+    )
+    .await
 }
 
 async fn start(
@@ -237,6 +253,7 @@ async fn start(
     manual_clock: Option<Arc<ManualClock>>,
     loader: chatbridge::reload::SettingsLoader,
     database: Option<Arc<TestDatabase>>,
+    dispatching: bool,
 ) -> TestApp {
     let settings = loader().unwrap_or_else(|p| panic!("{}", p.join("\n")));
     let pipeline = Pipeline::from_settings(settings).unwrap_or_else(|p| panic!("{}", p.join("\n")));
@@ -249,6 +266,9 @@ async fn start(
         },
     )
     .unwrap();
+    if !dispatching {
+        app.stop_dispatcher();
+    }
     let base = format!("http://{}", app.addr());
     let handle = app.handle();
     let server = actix_rt::spawn(app.run_until_stopped());
@@ -265,6 +285,7 @@ async fn start(
         server,
         loader,
         database,
+        dispatching,
     }
 }
 
@@ -281,6 +302,7 @@ impl TestApp {
             self.manual_clock,
             self.loader,
             self.database,
+            self.dispatching,
         )
         .await
     }
@@ -290,15 +312,31 @@ impl TestApp {
     // Used by tests/api/several_instances.rs, compiled only with the URL set.
     #[cfg_attr(not(postgres_tests), allow(dead_code))]
     pub async fn another(&self, options: TestOptions) -> TestApp {
+        self.join(options, true).await
+    }
+
+    /// `another` instance that accepts work (webhooks, the admin API) but
+    /// never sends: its dispatcher is stopped before its first round.
+    // Used by tests/api/wake_ups.rs, compiled only with the URL set.
+    #[cfg_attr(not(postgres_tests), allow(dead_code))]
+    pub async fn another_without_dispatcher(&self, options: TestOptions) -> TestApp {
+        self.join(options, false).await
+    }
+
+    #[cfg_attr(not(postgres_tests), allow(dead_code))]
+    async fn join(&self, options: TestOptions, dispatching: bool) -> TestApp {
         let database = self
             .database
             .clone()
             .expect("another instance needs an app on PostgreSQL");
-        spawn_app_with(TestOptions {
-            join: Some((database, self.market.clone())),
-            backend: Backend::Postgres,
-            ..options
-        })
+        spawn(
+            TestOptions {
+                join: Some((database, self.market.clone())),
+                backend: Backend::Postgres,
+                ..options
+            },
+            dispatching,
+        )
         .await
     }
 

@@ -29,3 +29,4 @@ mod several_processes;
 mod spec;
 mod store_copy;
 mod templates;
+mod wake_ups;
