@@ -161,6 +161,41 @@ impl MarketMethod {
     }
 }
 
+/// Why the Market paused a method of a business: the dispatcher does not
+/// call it until the pause ends, and the store keeps the pause so that
+/// every process, and a restarted one, knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseReason {
+    /// The Market answered 420 (rate limit).
+    Market420,
+    /// The Market's `X-RateLimit-Resource-Remaining` said 0.
+    RemainingZero,
+}
+
+impl PauseReason {
+    /// How it is stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Market420 => "market_420",
+            Self::RemainingZero => "remaining_zero",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Market420, Self::RemainingZero]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Market420 => "the Market answered 420 (rate limit)",
+            Self::RemainingZero => "the Market said X-RateLimit-Resource-Remaining: 0",
+        }
+    }
+}
+
 /// A chat message the Market accepts: 1 to 4096 code points.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageText(String);

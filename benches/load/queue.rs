@@ -196,6 +196,7 @@ pub(crate) async fn claim_send_record(
                 api_errors: vec![],
                 error: None,
                 counts_for_quota: true,
+                window_used_up_until: None,
                 verdict: Verdict::Delivered,
             },
             finished,

@@ -8,7 +8,19 @@
 //!   idempotency key);
 //! - per business, never more than `hourly_limit` sends in any window of
 //!   `quota_window_secs` (counted from the store at start) and never more
-//!   than `max_in_flight` requests at once (a semaphore per business);
+//!   than `max_in_flight` requests at once. Within this process a
+//!   semaphore per business and a log of its calls keep them; with several
+//!   processes on one PostgreSQL database the claim keeps them across all
+//!   of them (`store/postgres.rs`: under the business's advisory lock it
+//!   counts every process's `sending` rows and quota slots and reads the
+//!   stored pauses), so this process's own counts only ever ask for less;
+//! - the Market's pauses (a 420, or `X-RateLimit-Resource-Remaining: 0`)
+//!   are recorded with the attempt: a restarted process, and on PostgreSQL
+//!   every other one, waits for the same window;
+//! - wake-ups: a webhook accepted, a send finished or a reload wakes the
+//!   dispatcher at once; on PostgreSQL so does work another process made
+//!   due (`Store::wake_on_work`, LISTEN/NOTIFY); `dispatch.poll_interval_ms`
+//!   is the fallback for anything else;
 //! - per conversation, messages go in the order their events were
 //!   accepted: a delivery is claimed only when no earlier one of its
 //!   conversation is open. A delivery to the chat of an order or return
@@ -312,16 +324,20 @@ async fn ensure_business(shared: &Rc<Shared>, business: BusinessId) -> Result<()
         return Ok(());
     }
     let now = shared.clock.now_ms();
+    // The Market's pauses stored before this process knew the business
+    // (before a restart, or by another process on the database).
+    let pauses = shared.store.method_pauses(business, now).await?;
     let mut budgets = Vec::new();
     for method in MarketMethod::ALL {
         let calls = shared
             .store
             .calls_since(business, method, now - window_ms)
             .await?;
+        let pause = pauses.iter().find(|p| p.method == method);
         budgets.push(MethodBudget {
             quota: QuotaLog::new(limits.limit_of(method), window_ms, calls),
-            blocked_until: 0,
-            blocked_why: None,
+            blocked_until: pause.map_or(0, |p| p.until),
+            blocked_why: pause.map(|p| p.reason),
         });
     }
     let (Some(chat_lookups), Some(sends)) = (budgets.pop(), budgets.pop()) else {
@@ -641,6 +657,13 @@ async fn send(
         None => false,
     };
     let window_ms = limits.quota_window.as_millis() as Millis;
+    // "Remaining: 0": no call of this method until the window ends. The
+    // store keeps it too (see `Attempt::window_used_up_until`).
+    let window_used_up_until = answer.filter(|a| a.remaining == Some(0)).map(|a| {
+        a.until
+            .map(window_surely_over)
+            .unwrap_or(finished + window_ms)
+    });
     let conversation = conversation_key(claimed.chat_id, claimed.context).unwrap_or_default();
     // What the Market refused, named for the operator: a chat lookup's
     // failure says which order or return had no chat.
@@ -718,14 +741,9 @@ async fn send(
             if counts_for_quota {
                 budget.quota.take(finished);
             }
-            if let Some(a) = answer {
-                if a.remaining == Some(0) {
-                    let until = a.until.map(window_surely_over);
-                    budget.blocked_until = budget
-                        .blocked_until
-                        .max(until.unwrap_or(finished + window_ms));
-                    budget.blocked_why = Some(PauseReason::RemainingZero);
-                }
+            if let Some(until) = window_used_up_until {
+                budget.blocked_until = budget.blocked_until.max(until);
+                budget.blocked_why = Some(PauseReason::RemainingZero);
             }
             if let Verdict::Throttled { until } = &verdict {
                 budget.blocked_until = budget.blocked_until.max(*until);
@@ -775,6 +793,7 @@ async fn send(
             _ => None,
         },
         counts_for_quota,
+        window_used_up_until,
         verdict: verdict.clone(),
     };
     record_patiently(&shared, attempt).await;

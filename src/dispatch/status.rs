@@ -15,24 +15,7 @@ use crate::domain::BusinessId;
 
 use super::Business;
 
-/// Why the dispatcher does not send for a business right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PauseReason {
-    /// The Market answered 420 (rate limit).
-    Market420,
-    /// The Market's `X-RateLimit-Resource-Remaining` said 0.
-    RemainingZero,
-}
-
-impl PauseReason {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::Market420 => "the Market answered 420 (rate limit)",
-            Self::RemainingZero => "the Market said X-RateLimit-Resource-Remaining: 0",
-        }
-    }
-}
+pub use crate::domain::PauseReason;
 
 /// One business as the dispatcher sees it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

@@ -329,6 +329,15 @@ impl Store for Watched {
         self.watch(Write, self.inner.ping()).await
     }
 
+    async fn method_pauses(
+        &self,
+        business: BusinessId,
+        now: Millis,
+    ) -> StoreResult<Vec<MethodPause>> {
+        self.watch(Read, self.inner.method_pauses(business, now))
+            .await
+    }
+
     fn wake_on_work(&self, wake: Arc<Notify>) {
         self.inner.wake_on_work(wake);
     }

@@ -25,7 +25,11 @@
 //!   failing over, a full disk, an I/O error) is reported as
 //!   [`StoreError::Unavailable`], never as a success: callers refuse what
 //!   they were asked and try again later (see `health` for how the rest
-//!   of the service hears of it).
+//!   of the service hears of it);
+//! - the Market's pauses of a business's method (a 420, or
+//!   `X-RateLimit-Resource-Remaining: 0`) are stored with the attempt that
+//!   brought them, so a restarted process (and, on PostgreSQL, every other
+//!   one: its claims check them) does not call into a used-up window.
 
 pub mod copy;
 pub mod health;
@@ -37,7 +41,9 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::clock::Millis;
-use crate::domain::{BusinessId, ChatContext, ChatId, DeliveryState, MarketMethod, Target};
+use crate::domain::{
+    BusinessId, ChatContext, ChatId, DeliveryState, MarketMethod, PauseReason, Target,
+};
 
 pub use lock::ServeLock;
 pub use postgres::{postgres_url_problem, PostgresStore};
@@ -217,7 +223,19 @@ pub struct Attempt {
     pub error: Option<String>,
     /// Whether the Market counted this request against the hourly quota.
     pub counts_for_quota: bool,
+    /// The Market said `X-RateLimit-Resource-Remaining: 0`: the method's
+    /// window is used up until then. Stored as the method's pause (a 420
+    /// verdict is stored as one too).
+    pub window_used_up_until: Option<Millis>,
     pub verdict: Verdict,
+}
+
+/// The Market paused one method of a business until `until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MethodPause {
+    pub method: MarketMethod,
+    pub until: Millis,
+    pub reason: PauseReason,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -334,8 +352,19 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<Claimed>>;
 
     /// The earliest future time a delivery of the business that is first in
-    /// its conversation becomes due (a retry or a 420 wait), if any.
+    /// its conversation becomes due (a retry or a 420 wait), if any. A store
+    /// shared by several processes also answers when a stored pause of one
+    /// of the business's methods ends: another process may have taken it,
+    /// and this one's claims wait for it.
     async fn next_due(&self, business: BusinessId, now: Millis) -> StoreResult<Option<Millis>>;
+
+    /// The business's method pauses that last beyond `now`, as stored by
+    /// `record` (by any process on the database).
+    async fn method_pauses(
+        &self,
+        business: BusinessId,
+        now: Millis,
+    ) -> StoreResult<Vec<MethodPause>>;
 
     /// Records an attempt and moves its delivery to the verdict's state.
     async fn record(&self, attempt: Attempt, now: Millis) -> StoreResult<()>;
@@ -430,6 +459,19 @@ pub trait Store: Send + Sync + 'static {
 pub struct QueueWaits {
     pub behind_chat: i64,
     pub not_yet_due: i64,
+}
+
+/// The pauses an attempt brings to its method: a 420's wait, and the
+/// window the Market said is used up (both backends store them alike).
+fn pauses_of(attempt: &Attempt) -> Vec<(Millis, PauseReason)> {
+    let mut out = Vec::new();
+    if let Verdict::Throttled { until } = attempt.verdict {
+        out.push((until, PauseReason::Market420));
+    }
+    if let Some(until) = attempt.window_used_up_until {
+        out.push((until, PauseReason::RemainingZero));
+    }
+    out
 }
 
 /// The file of a `sqlite://` (or `sqlite:`) `storage.url`.

@@ -1105,19 +1105,52 @@ impl Store for PostgresStore {
     }
 
     async fn next_due(&self, business: BusinessId, now: Millis) -> StoreResult<Option<Millis>> {
+        // A pause another instance stored blocks this one's claims without
+        // its dispatcher knowing: it must wake when the pause ends.
         self.with(move |c| {
             Box::pin(async move {
                 Ok(c.query_one(
                     &format!(
-                        "SELECT MIN(d.next_attempt_at) FROM deliveries d
-                     WHERE d.state = 'queued' AND d.business_id = $1 AND d.next_attempt_at > $2
-                       AND {HEAD}"
+                        "SELECT LEAST(
+                            (SELECT MIN(d.next_attempt_at) FROM deliveries d
+                             WHERE d.state = 'queued' AND d.business_id = $1 AND d.next_attempt_at > $2
+                               AND {HEAD}),
+                            (SELECT MIN(until_at) FROM method_pauses
+                             WHERE business_id = $1 AND until_at > $2))"
                     ),
                     &[&business.0, &now],
                 )
                 .await
                 .map_err(db_error)?
                 .get(0))
+            })
+        })
+        .await
+    }
+
+    async fn method_pauses(
+        &self,
+        business: BusinessId,
+        now: Millis,
+    ) -> StoreResult<Vec<MethodPause>> {
+        self.with(move |c| {
+            Box::pin(async move {
+                Ok(c.query(
+                    "SELECT method, until_at, reason FROM method_pauses
+                     WHERE business_id = $1 AND until_at > $2",
+                    &[&business.0, &now],
+                )
+                .await
+                .map_err(db_error)?
+                .iter()
+                .filter_map(|r| {
+                    Some(MethodPause {
+                        method: MarketMethod::parse(r.get(0))?,
+                        until: r.get(1),
+                        reason: PauseReason::parse(r.get(2)).unwrap_or(PauseReason::Market420),
+                    })
+                })
+                .collect())
             })
         })
         .await
@@ -1189,12 +1222,21 @@ impl Store for PostgresStore {
                     .await
                     .map_err(db_error)?;
                 }
-                if let Verdict::Throttled { until } = attempt.verdict {
+                for (until, reason) in pauses_of(&attempt) {
+                    // The later pause wins, with its reason.
                     tx.execute(
-                        "INSERT INTO method_pauses (business_id, method, until_at) VALUES ($1, $2, $3)
-                         ON CONFLICT (business_id, method)
-                         DO UPDATE SET until_at = GREATEST(method_pauses.until_at, EXCLUDED.until_at)",
-                        &[&attempt.business_id.0, &attempt.method.as_str(), &until],
+                        "INSERT INTO method_pauses (business_id, method, until_at, reason)
+                         VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (business_id, method) DO UPDATE SET
+                             reason = CASE WHEN EXCLUDED.until_at > method_pauses.until_at
+                                 THEN EXCLUDED.reason ELSE method_pauses.reason END,
+                             until_at = GREATEST(method_pauses.until_at, EXCLUDED.until_at)",
+                        &[
+                            &attempt.business_id.0,
+                            &attempt.method.as_str(),
+                            &until,
+                            &reason.as_str(),
+                        ],
                     )
                     .await
                     .map_err(db_error)?;

@@ -117,6 +117,17 @@ ALTER TABLE deliveries ADD COLUMN claim_token INTEGER;
     r#"
 CREATE TABLE store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), probes INTEGER NOT NULL);
 "#,
+    // The Market's pauses of a business's method (a 420, or Remaining: 0),
+    // so a restarted process does not call into a used-up window.
+    r#"
+CREATE TABLE method_pauses (
+    business_id INTEGER NOT NULL,
+    method      TEXT NOT NULL,
+    until_at    INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    PRIMARY KEY (business_id, method)
+) WITHOUT ROWID;
+"#,
 ];
 
 type WriteFn<T> = Box<dyn FnOnce(&Connection) -> StoreResult<T> + Send>;
@@ -808,6 +819,38 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn method_pauses(
+        &self,
+        business: BusinessId,
+        now: Millis,
+    ) -> StoreResult<Vec<MethodPause>> {
+        self.read(move |conn| {
+            let rows: Vec<(String, Millis, String)> = conn
+                .prepare_cached(
+                    "SELECT method, until_at, reason FROM method_pauses
+                     WHERE business_id = ?1 AND until_at > ?2",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![business.0, now], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?
+                    .collect()
+                })
+                .map_err(db_error)?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|(method, until, reason)| {
+                    Some(MethodPause {
+                        method: MarketMethod::parse(&method)?,
+                        until,
+                        reason: PauseReason::parse(&reason).unwrap_or(PauseReason::Market420),
+                    })
+                })
+                .collect())
+        })
+        .await
+    }
+
     async fn record(&self, attempt: Attempt, now: Millis) -> StoreResult<()> {
         self.write(move |conn| {
             let errors = serde_json::to_string(&attempt.api_errors).unwrap_or_else(|_| "[]".into());
@@ -834,6 +877,26 @@ impl Store for SqliteStore {
             .map_err(db_error)?;
             if let Verdict::ChatFound { context, chat } = attempt.verdict {
                 remember_chat(conn, attempt.business_id, context, chat, now)?;
+            }
+            for (until, reason) in pauses_of(&attempt) {
+                // The later pause wins, with its reason.
+                conn.prepare_cached(
+                    "INSERT INTO method_pauses (business_id, method, until_at, reason)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (business_id, method) DO UPDATE SET
+                         reason = CASE WHEN excluded.until_at > until_at
+                             THEN excluded.reason ELSE reason END,
+                         until_at = MAX(until_at, excluded.until_at)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        attempt.business_id.0,
+                        attempt.method.as_str(),
+                        until,
+                        reason.as_str()
+                    ])
+                })
+                .map_err(db_error)?;
             }
             let counted = i64::from(!matches!(
                 attempt.verdict,
@@ -1255,6 +1318,9 @@ impl Store for SqliteStore {
             )
             .map_err(db_error)?;
             conn.execute("DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(?1))", [&ids])
+                .map_err(db_error)?;
+            // Pauses older than the retention count for nothing.
+            conn.execute("DELETE FROM method_pauses WHERE until_at < ?1", [before])
                 .map_err(db_error)?;
             conn.execute("DELETE FROM events WHERE id IN (SELECT value FROM json_each(?1))", [&ids])
                 .map(|n| n as u64)

@@ -482,13 +482,16 @@ async fn a_used_up_window_is_waited_out_past_its_named_second_and_never_sent_int
 
 #[actix_rt::test]
 async fn a_420_naming_a_second_already_behind_us_waits_a_second_not_the_long_backoff() {
-    let (options, clock) = one_send_per_ten_seconds();
+    let (mut options, clock) = one_send_per_ten_seconds();
+    // The first send leaves room (Remaining: 1), so nothing pauses; then
+    // the Market's limit drops to one. At +10.1 s the window the first send
+    // opened (until +10.3 s) is full, and the 420 names +10 s: already
+    // behind us. (A restart no longer forgets a pause: it is stored.)
+    options.fake.hourly_limit = 2;
     let app = spawn_app_with(options).await;
     let first = post(&app, &sample_as("order_shipped", "p-1", None)).await;
     app.wait_for_state(first, "delivered").await;
-    // A restart forgets the Market's pause; at +10.1 s the window (until
-    // +10.3 s) is still full, and the 420 names +10 s: already behind us.
-    let app = app.restart().await;
+    app.market.configure(|c| c.hourly_limit = 1);
     clock.set(START + 10_100);
 
     let second = post(&app, &sample_as("order_shipped", "p-2", Some(5002))).await;

@@ -605,3 +605,48 @@ async fn a_market_outage_is_retried_at_the_backoff_rate_of_the_clock() {
     assert_eq!(app.buyer_messages().len(), EVENTS);
     app.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_window_the_market_said_is_used_up_stays_used_up_across_a_restart() {
+    // The Market allows 2 sends a window; chatbridge's own limit is
+    // higher, so only the Market's "Remaining: 0" on the second send says
+    // the window is used up.
+    let (opts, clock) = options(
+        FakeConfig {
+            hourly_limit: 2,
+            window_secs: 3600,
+            ..FakeConfig::default()
+        },
+        10,
+        3600,
+    );
+    let app = spawn_app_with(opts).await;
+    for seq in 1..=2 {
+        let id = post_one(&app, 111, seq as i64, seq).await;
+        app.wait_for_state(id, "delivered").await;
+    }
+
+    let app = app.restart().await;
+    let third = post_one(&app, 111, 3, 3).await;
+    app.caught_up_with(burst_marker).await;
+    assert_eq!(
+        app.buyer_requests().len(),
+        2,
+        "the restarted service must not call into the window the Market said is used up"
+    );
+    let (_, queue) = app.admin_get("/admin/queue").await;
+    let b111 = &queue["businesses"][0];
+    assert!(
+        b111["pause_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("Remaining: 0")),
+        "the pause survived the restart: {queue:#}"
+    );
+    assert_eq!(app.delivery(third).await["delivery"]["state"], "queued");
+
+    // The window is over (the Market names whole seconds: one more).
+    clock.advance(Duration::from_secs(3_602));
+    app.wait_for_state(third, "delivered").await;
+    assert_eq!(app.market.stats().by_status.get(&420), None);
+    app.stop().await;
+}

@@ -235,6 +235,7 @@ fn answer(claimed: &Claimed, at: i64, verdict: Verdict) -> Attempt {
         api_errors: Vec::new(),
         error: None,
         counts_for_quota: true,
+        window_used_up_until: None,
         verdict,
     }
 }

@@ -1,9 +1,10 @@
-//! Several instances on one PostgreSQL database wake each other: work one
-//! instance accepts is sent promptly by another (LISTEN/NOTIFY), and after
-//! the listening connection was lost, the instance rescans the queue once
-//! it is back. PostgreSQL only (SQLite is one process).
+//! Several instances on one PostgreSQL database: work one instance accepts
+//! is sent promptly by another (LISTEN/NOTIFY); after the listening
+//! connection was lost, the instance rescans the queue once it is back;
+//! and a window the Market said is used up (`Remaining: 0`) holds for
+//! every instance. PostgreSQL only (SQLite is one process).
 //!
-//! In each test app A accepts the event with its dispatcher stopped, and
+//! In the wake-up tests app A accepts the event with its dispatcher stopped, and
 //! app B, whose polling fallback is set to ten minutes, must send it: only
 //! a wake-up from the database can make B look at the queue within the
 //! bound. The bounds are real time because what is tested is a wake-up
@@ -15,6 +16,9 @@
 #![cfg(postgres_tests)]
 
 use std::time::{Duration, Instant};
+
+use chatbridge::clock::ManualClock;
+use chatbridge::market::fake::FakeConfig;
 
 use super::helpers::*;
 
@@ -142,6 +146,82 @@ async fn an_instance_whose_listening_connection_dropped_rescans_once_it_is_back(
     }
     assert_eq!(b.buyer_messages().len(), 1);
     wait_for_listeners(&db, 2).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Posts an `order.shipped` to `chat` of business 111; its delivery id.
+async fn post(app: &TestApp, id: &str, chat: i64) -> i64 {
+    let event = sample_as("order_shipped", id, Some(chat));
+    let (status, body) = app.post_event("oms", &event).await;
+    assert_eq!(status, 202, "{body}");
+    body["deliveries"][0]["id"].as_i64().unwrap()
+}
+
+#[actix_rt::test]
+async fn a_window_the_market_said_is_used_up_holds_for_every_instance() {
+    // Two instances sending to one Market, which allows 2 sends a window:
+    // one of them hears "Remaining: 0"; the other must not send either.
+    let clock = ManualClock::new(1_795_000_000_000);
+    let a = spawn_app_with(TestOptions {
+        backend: Backend::Postgres,
+        clock: Some(clock.clone()),
+        fake: FakeConfig {
+            api_keys: vec![API_KEY.into()],
+            hourly_limit: 2,
+            window_secs: 3600,
+            ..FakeConfig::default()
+        },
+        ..TestOptions::default()
+    })
+    .await;
+    let b = a
+        .another(TestOptions {
+            clock: Some(clock.clone()),
+            ..TestOptions::default()
+        })
+        .await;
+    let first = post(&a, "w-1", 701).await;
+    let second = post(&b, "w-2", 702).await;
+    a.wait_for_state(first, "delivered").await;
+    a.wait_for_state(second, "delivered").await;
+
+    let third = post(&a, "w-3", 703).await;
+    let fourth = post(&b, "w-4", 704).await;
+    // Each instance runs a round after the two above (its own marker's
+    // webhook wakes it) and has finished what it sent.
+    for (app, chat) in [(&a, 801), (&b, 802)] {
+        let mut marker = sample_as("order_shipped", &format!("m-{chat}"), Some(chat));
+        marker["businessId"] = serde_json::json!(MARKER_BUSINESS);
+        let (status, body) = app.post_event("oms", &marker).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.market.delivered().len() < 4
+        || !a
+            .admin_get("/admin/deliveries?state=sending&limit=1")
+            .await
+            .1["deliveries"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    {
+        assert!(Instant::now() < deadline, "the markers were never sent");
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        a.buyer_requests().len(),
+        2,
+        "no instance calls into the window the Market said is used up"
+    );
+    for id in [third, fourth] {
+        assert_eq!(a.delivery(id).await["delivery"]["state"], "queued");
+    }
+
+    // The window is over (the Market names whole seconds: one more).
+    clock.advance(Duration::from_secs(3_602));
+    a.wait_for_state(third, "delivered").await;
+    a.wait_for_state(fourth, "delivered").await;
+    assert_eq!(a.market.stats().by_status.get(&420), None);
     a.stop().await;
     b.stop().await;
 }

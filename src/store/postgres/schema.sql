@@ -116,3 +116,9 @@ CREATE TABLE store_copies (
     started_at  BIGINT NOT NULL,
     finished_at BIGINT
 );
+
+-- migration 4
+-- Why the Market paused a method: a 420, or X-RateLimit-Resource-Remaining: 0
+-- (stored since this migration, so other instances and a restarted one
+-- wait for the window too). Rows an older version writes are its 420s.
+ALTER TABLE method_pauses ADD COLUMN reason TEXT NOT NULL DEFAULT 'market_420';
