@@ -94,11 +94,16 @@ pub(super) async fn listen(
                 }
             }
         };
-        tracing::warn!(
-            error = %why,
-            retry_in_ms = retry.as_millis() as u64,
-            "the connection that receives work notifications from other instances is down; reconnecting (until then this instance polls)"
-        );
+        // One WARN per loss (the store's own health reports an outage);
+        // the retries that follow are quiet.
+        if retry == FIRST_RETRY {
+            tracing::warn!(
+                error = %why,
+                "the connection that receives work notifications from other instances is down; reconnecting (until then this instance polls)"
+            );
+        } else {
+            tracing::debug!(error = %why, retry_in_ms = retry.as_millis() as u64, "work notifications: reconnecting");
+        }
         tokio::time::sleep(retry).await;
         retry = (retry * 2).min(MAX_RETRY);
     }
