@@ -1633,30 +1633,33 @@ impl Store for PostgresStore {
     async fn cancel(&self, id: i64, now: Millis) -> StoreResult<()> {
         self.with(move |c| {
             Box::pin(async move {
-                let changed = c
-                    .execute(
+                let cancelled = c
+                    .query_opt(
                         "UPDATE deliveries SET state = 'cancelled', reason = 'cancelled by an operator',
                              updated_at = $2
-                         WHERE id = $1 AND state IN ('queued', 'held')",
+                         WHERE id = $1 AND state IN ('queued', 'held')
+                         RETURNING business_id",
                         &[&id, &now],
                     )
                     .await
                     .map_err(db_error)?;
-                if changed == 0 {
-                    let exists = c
-                        .query_opt("SELECT 1 FROM deliveries WHERE id = $1", &[&id])
-                        .await
-                        .map_err(db_error)?
-                        .is_some();
-                    return Err(if exists {
-                        StoreError::Conflict(format!(
-                            "delivery {id} is not queued or held (a delivery being sent cannot be cancelled)"
-                        ))
-                    } else {
-                        StoreError::NotFound(format!("no delivery {id}"))
-                    });
+                if let Some(row) = cancelled {
+                    // The next message of its conversation may go now.
+                    announce(c, row.get(0)).await?;
+                    return Ok(());
                 }
-                Ok(())
+                let exists = c
+                    .query_opt("SELECT 1 FROM deliveries WHERE id = $1", &[&id])
+                    .await
+                    .map_err(db_error)?
+                    .is_some();
+                Err(if exists {
+                    StoreError::Conflict(format!(
+                        "delivery {id} is not queued or held (a delivery being sent cannot be cancelled)"
+                    ))
+                } else {
+                    StoreError::NotFound(format!("no delivery {id}"))
+                })
             })
         })
         .await

@@ -18,7 +18,7 @@
 use std::time::{Duration, Instant};
 
 use chatbridge::clock::ManualClock;
-use chatbridge::market::fake::FakeConfig;
+use chatbridge::market::fake::{FakeConfig, ScriptedAnswer};
 
 use super::helpers::*;
 
@@ -146,6 +146,59 @@ async fn an_instance_whose_listening_connection_dropped_rescans_once_it_is_back(
     }
     assert_eq!(b.buyer_messages().len(), 1);
     wait_for_listeners(&db, 2).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[actix_rt::test]
+async fn cancelling_the_message_a_chat_waits_behind_wakes_another_instance() {
+    // The first message of chat 901 failed once and waits for a retry time
+    // the manual clock never reaches; the second waits behind it. When an
+    // operator cancels the first through A, B (polling every ten minutes)
+    // must hear that the second may go now.
+    let clock = ManualClock::new(1_795_000_000_000);
+    let b = spawn_app_with(TestOptions {
+        backend: Backend::Postgres,
+        clock: Some(clock.clone()),
+        tweak: Some(Box::new(|s| s.dispatch.poll_interval_ms = POLL_MS)),
+        ..TestOptions::default()
+    })
+    .await;
+    let a = b
+        .another_without_dispatcher(TestOptions {
+            clock: Some(clock.clone()),
+            ..TestOptions::default()
+        })
+        .await;
+    b.market.script(ScriptedAnswer {
+        status: 500,
+        chat_id: Some(901),
+        ..ScriptedAnswer::default()
+    });
+    let first = post(&a, "c-1", 901).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !b.market.requests().iter().any(|r| r.chat_id == 901) {
+        assert!(Instant::now() < deadline, "B never tried the first message");
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = post(&a, "c-2", 901).await;
+    b.caught_up().await;
+    a.wait_for_state(first, "queued").await;
+    a.wait_for_state(second, "queued").await;
+    assert!(b.buyer_messages().iter().all(|r| r.chat_id != 901));
+    // B's last record (of caught_up's marker) notifies B itself after the
+    // Market answered; the round that wakes is over in milliseconds, and
+    // the cancel must not ride on it. Real time: B's rounds run on it.
+    actix_rt::time::sleep(Duration::from_millis(500)).await;
+
+    let (status, body) = a
+        .admin_post(
+            &format!("/admin/deliveries/{first}/cancel"),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    b.wait_for_state(second, "delivered").await;
     a.stop().await;
     b.stop().await;
 }
