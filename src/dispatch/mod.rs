@@ -490,8 +490,8 @@ async fn round(
     }
 
     // First decide what each business may take, then claim for all of
-    // them at once: the claims share one group commit instead of paying a
-    // disk sync each.
+    // them at once (`Store::claim_round`): on SQLite one write and one
+    // commit for the round, instead of a write and a read per business.
     let mut wanted = Vec::new();
     for (business, due_at) in shared.store.queued_businesses().await? {
         ensure_business(shared, business).await?;
@@ -538,22 +538,28 @@ async fn round(
             wanted.push((business, limits, b.permits.clone()));
         }
     }
-    let claims = futures_util::future::join_all(wanted.iter().map(|(business, limits, _)| {
-        shared
-            .store
-            .claim(*business, now, now + lease_ms, *limits, false)
-    }))
-    .await;
-    for ((business, limits, permits), claimed) in wanted.into_iter().zip(claims) {
-        let claimed = claimed?;
-        if claimed.len() == limits.total {
+    let round = match wanted.is_empty() {
+        true => Vec::new(),
+        false => {
+            shared
+                .store
+                .claim_round(
+                    wanted.iter().map(|(b, limits, _)| (*b, *limits)).collect(),
+                    now,
+                    now + lease_ms,
+                )
+                .await?
+        }
+    };
+    for ((_, limits, permits), taken) in wanted.into_iter().zip(round) {
+        if taken.claimed.len() == limits.total {
             // There may be more due right now.
             wake_at = now;
-        } else if let Some(due) = shared.store.next_due(business, now).await? {
+        } else if let Some(due) = taken.next_due {
             // What is left waits for a retry time (or its conversation's turn).
             wake_at = wake_at.min(due);
         }
-        for delivery in claimed {
+        for delivery in taken.claimed {
             match permits.clone().try_acquire_owned() {
                 Ok(permit) => start_send(shared, delivery, permit, now, false),
                 Err(_) => {

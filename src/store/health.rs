@@ -225,6 +225,16 @@ impl Store for Watched {
         .await
     }
 
+    async fn claim_round(
+        &self,
+        wanted: Vec<(BusinessId, ClaimLimits)>,
+        now: Millis,
+        lease_until: Millis,
+    ) -> StoreResult<Vec<RoundClaim>> {
+        self.watch(Write, self.inner.claim_round(wanted, now, lease_until))
+            .await
+    }
+
     async fn next_due(&self, business: BusinessId, now: Millis) -> StoreResult<Option<Millis>> {
         self.watch(Read, self.inner.next_due(business, now)).await
     }

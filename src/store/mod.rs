@@ -319,6 +319,15 @@ pub struct ClaimLimits {
     pub caps: SharedCaps,
 }
 
+/// What [`Store::claim_round`] took for one business.
+#[derive(Debug, Clone)]
+pub struct RoundClaim {
+    pub claimed: Vec<Claimed>,
+    /// When fewer were taken than asked: the earliest future time one of
+    /// the business's conversation heads becomes due (see `next_due`).
+    pub next_due: Option<Millis>,
+}
+
 /// A business's settings the claim enforces across processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SharedCaps {
@@ -365,6 +374,37 @@ pub trait Store: Send + Sync + 'static {
         business: BusinessId,
         now: Millis,
     ) -> StoreResult<Vec<MethodPause>>;
+
+    /// One dispatcher round's claims: for each business, what
+    /// [`claim`](Self::claim) (`held = false`) takes with its limits, and,
+    /// when that is fewer than `limits.total`, its
+    /// [`next_due`](Self::next_due). Answers in the order asked. By default
+    /// the claims run at once and the look-ups after them; SQLite does the
+    /// whole round as one write (one commit, no read per business), which
+    /// is what lets the dispatcher keep up with many businesses.
+    async fn claim_round(
+        &self,
+        wanted: Vec<(BusinessId, ClaimLimits)>,
+        now: Millis,
+        lease_until: Millis,
+    ) -> StoreResult<Vec<RoundClaim>> {
+        let claims = futures_util::future::join_all(
+            wanted
+                .iter()
+                .map(|(business, limits)| self.claim(*business, now, lease_until, *limits, false)),
+        )
+        .await;
+        let mut round = Vec::with_capacity(wanted.len());
+        for ((business, limits), claimed) in wanted.into_iter().zip(claims) {
+            let claimed = claimed?;
+            let next_due = match claimed.len() < limits.total {
+                true => self.next_due(business, now).await?,
+                false => None,
+            };
+            round.push(RoundClaim { claimed, next_due });
+        }
+        Ok(round)
+    }
 
     /// Records an attempt and moves its delivery to the verdict's state.
     async fn record(&self, attempt: Attempt, now: Millis) -> StoreResult<()>;

@@ -148,16 +148,15 @@ struct Job<T> {
 impl<T: Send + 'static> WriteJob for Job<T> {
     fn run(&mut self, conn: &Connection) -> Option<StoreError> {
         let work = self.work.take()?;
-        let outcome = conn
-            .execute_batch("SAVEPOINT job")
-            .map_err(db_error)
-            .and_then(|_| work(conn));
-        let cleanup = if outcome.is_ok() {
-            "RELEASE job"
-        } else {
-            "ROLLBACK TO job; RELEASE job"
+        // Cached statements: every write pays these two, so they are not
+        // parsed again each time.
+        let outcome = run_cached(conn, "SAVEPOINT job").and_then(|_| work(conn));
+        let cleaned = match outcome.is_ok() {
+            true => run_cached(conn, "RELEASE job"),
+            false => conn
+                .execute_batch("ROLLBACK TO job; RELEASE job")
+                .map_err(db_error),
         };
-        let cleaned = conn.execute_batch(cleanup).map_err(db_error);
         let result = cleaned.and(outcome);
         let failed = result.as_ref().err().cloned();
         self.result = Some(result);
@@ -171,6 +170,13 @@ impl<T: Send + 'static> WriteJob for Job<T> {
         };
         let _ = self.reply.send(answer);
     }
+}
+
+fn run_cached(conn: &Connection, sql: &str) -> StoreResult<()> {
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute([]))
+        .map(|_| ())
+        .map_err(db_error)
 }
 
 pub struct SqliteStore {
@@ -635,6 +641,70 @@ fn lease(conn: &Connection, id: i64, lease_until: Millis, now: Millis) -> StoreR
     .map_err(db_error)
 }
 
+/// `Store::claim` on the writer's connection.
+fn claim_in(
+    conn: &Connection,
+    business: BusinessId,
+    now: Millis,
+    lease_until: Millis,
+    limits: ClaimLimits,
+    held: bool,
+) -> StoreResult<Vec<Claimed>> {
+    if held {
+        let ids: Vec<i64> = conn
+            .prepare_cached(
+                "SELECT id FROM deliveries WHERE state = 'held' AND business_id = ?1
+                 ORDER BY id LIMIT ?2",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![business.0, limits.total as i64], |r| r.get(0))?
+                    .collect()
+            })
+            .map_err(db_error)?;
+        return ids
+            .into_iter()
+            .map(|id| lease(conn, id, lease_until, now))
+            .collect();
+    }
+    let mut claimed = claim_heads(
+        conn,
+        business,
+        now,
+        lease_until,
+        limits.chat_lookups.min(limits.total),
+        true,
+    )?;
+    let room = limits.total - claimed.len();
+    claimed.extend(claim_heads(
+        conn,
+        business,
+        now,
+        lease_until,
+        limits.sends.min(room),
+        false,
+    )?);
+    Ok(claimed)
+}
+
+/// `Store::next_due`. Only deliveries waiting for a later time are
+/// scanned: the few being retried or throttled, not the backlog.
+fn next_due_in(
+    conn: &Connection,
+    business: BusinessId,
+    now: Millis,
+) -> StoreResult<Option<Millis>> {
+    conn.prepare_cached(
+        "SELECT MIN(d.next_attempt_at) FROM deliveries d INDEXED BY deliveries_due
+         WHERE d.state = 'queued' AND d.business_id = ?1 AND d.next_attempt_at > ?2
+           AND NOT EXISTS (
+             SELECT 1 FROM deliveries p INDEXED BY deliveries_conversation_open
+             WHERE p.business_id = d.business_id AND p.conversation = d.conversation AND p.id < d.id
+               AND p.state IN ('queued', 'sending', 'held'))",
+    )
+    .and_then(|mut s| s.query_row(params![business.0, now], |r| r.get(0)))
+    .map_err(db_error)
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_event(&self, event: NewEvent) -> StoreResult<Inserted> {
@@ -761,62 +831,37 @@ impl Store for SqliteStore {
         limits: ClaimLimits,
         held: bool,
     ) -> StoreResult<Vec<Claimed>> {
+        self.write(move |conn| claim_in(conn, business, now, lease_until, limits, held))
+            .await
+    }
+
+    async fn claim_round(
+        &self,
+        wanted: Vec<(BusinessId, ClaimLimits)>,
+        now: Millis,
+        lease_until: Millis,
+    ) -> StoreResult<Vec<RoundClaim>> {
+        // One write for the whole round: the look-ups run on the writer's
+        // connection inside it, instead of a pooled read per business.
         self.write(move |conn| {
-            if held {
-                let ids: Vec<i64> = conn
-                    .prepare_cached(
-                        "SELECT id FROM deliveries WHERE state = 'held' AND business_id = ?1
-                         ORDER BY id LIMIT ?2",
-                    )
-                    .and_then(|mut s| {
-                        s.query_map(params![business.0, limits.total as i64], |r| r.get(0))?
-                            .collect()
-                    })
-                    .map_err(db_error)?;
-                return ids
-                    .into_iter()
-                    .map(|id| lease(conn, id, lease_until, now))
-                    .collect();
-            }
-            let mut claimed = claim_heads(
-                conn,
-                business,
-                now,
-                lease_until,
-                limits.chat_lookups.min(limits.total),
-                true,
-            )?;
-            let room = limits.total - claimed.len();
-            claimed.extend(claim_heads(
-                conn,
-                business,
-                now,
-                lease_until,
-                limits.sends.min(room),
-                false,
-            )?);
-            Ok(claimed)
+            wanted
+                .into_iter()
+                .map(|(business, limits)| {
+                    let claimed = claim_in(conn, business, now, lease_until, limits, false)?;
+                    let next_due = match claimed.len() < limits.total {
+                        true => next_due_in(conn, business, now)?,
+                        false => None,
+                    };
+                    Ok(RoundClaim { claimed, next_due })
+                })
+                .collect()
         })
         .await
     }
 
     async fn next_due(&self, business: BusinessId, now: Millis) -> StoreResult<Option<Millis>> {
-        // Only deliveries waiting for a later time are scanned: the few
-        // being retried or throttled, not the backlog.
-        self.read(move |conn| {
-            conn.query_row(
-                "SELECT MIN(d.next_attempt_at) FROM deliveries d INDEXED BY deliveries_due
-                 WHERE d.state = 'queued' AND d.business_id = ?1 AND d.next_attempt_at > ?2
-                   AND NOT EXISTS (
-                     SELECT 1 FROM deliveries p INDEXED BY deliveries_conversation_open
-                     WHERE p.business_id = d.business_id AND p.conversation = d.conversation AND p.id < d.id
-                       AND p.state IN ('queued', 'sending', 'held'))",
-                params![business.0, now],
-                |r| r.get(0),
-            )
-            .map_err(db_error)
-        })
-        .await
+        self.read(move |conn| next_due_in(conn, business, now))
+            .await
     }
 
     async fn method_pauses(
