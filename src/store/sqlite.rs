@@ -130,26 +130,33 @@ CREATE TABLE method_pauses (
 "#,
 ];
 
-type WriteFn<T> = Box<dyn FnOnce(&Connection) -> StoreResult<T> + Send>;
+/// A write: `FnMut` because a batch that had a failing job runs again
+/// (see `run_batch`), so a job must not consume what it captured.
+type WriteFn<T> = Box<dyn FnMut(&Connection) -> StoreResult<T> + Send>;
 
 /// A write waiting for the writer thread: runs inside the batch, answers after commit.
 trait WriteJob: Send {
-    /// Runs the job in its savepoint; returns its error, if it failed.
-    fn run(&mut self, conn: &Connection) -> Option<StoreError>;
+    /// Runs the job (`isolated`: in its own savepoint); returns its
+    /// error, if it failed.
+    fn run(&mut self, conn: &Connection, isolated: bool) -> Option<StoreError>;
     fn finish(self: Box<Self>, committed: Result<(), StoreError>);
 }
 
 struct Job<T> {
-    work: Option<WriteFn<T>>,
+    work: WriteFn<T>,
     result: Option<StoreResult<T>>,
     reply: oneshot::Sender<StoreResult<T>>,
 }
 
 impl<T: Send + 'static> WriteJob for Job<T> {
-    fn run(&mut self, conn: &Connection) -> Option<StoreError> {
-        let work = self.work.take()?;
-        // Cached statements: every write pays these two, so they are not
-        // parsed again each time.
+    fn run(&mut self, conn: &Connection, isolated: bool) -> Option<StoreError> {
+        let work = &mut self.work;
+        if !isolated {
+            let result = work(conn);
+            let failed = result.as_ref().err().cloned();
+            self.result = Some(result);
+            return failed;
+        }
         let outcome = run_cached(conn, "SAVEPOINT job").and_then(|_| work(conn));
         let cleaned = match outcome.is_ok() {
             true => run_cached(conn, "RELEASE job"),
@@ -237,6 +244,40 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
+/// Runs the batch's jobs in the open transaction: all of them when
+/// `isolated` (each in its savepoint), else up to the first that fails.
+/// `Ok(true)`: none failed; `Err`: SQLite rolled the transaction back.
+fn run_jobs(
+    conn: &Connection,
+    batch: &mut [Box<dyn WriteJob>],
+    isolated: bool,
+) -> Result<bool, StoreError> {
+    let mut cause: Option<StoreError> = None;
+    let rolled_back = |cause: Option<StoreError>| {
+        cause
+            .unwrap_or_else(|| StoreError::Unavailable("SQLite rolled the transaction back".into()))
+    };
+    let mut all_ok = true;
+    for job in batch.iter_mut() {
+        if conn.is_autocommit() {
+            return Err(rolled_back(cause));
+        }
+        if let Some(e) = job.run(conn, isolated) {
+            all_ok = false;
+            if e.is_unavailable() {
+                cause.get_or_insert(e);
+            }
+            if !isolated {
+                break;
+            }
+        }
+    }
+    if conn.is_autocommit() {
+        return Err(rolled_back(cause));
+    }
+    Ok(all_ok)
+}
+
 fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Box<dyn WriteJob>>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
@@ -253,27 +294,27 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Box<dyn WriteJob>>) {
     }
 }
 
-/// Runs the batch in one transaction and commits it. On a full disk or an
-/// I/O error SQLite may roll the whole transaction back by itself: then
-/// the jobs after it must not run (each would commit on its own, outside
-/// the batch), and every job of the batch hears why it was not stored.
+/// Runs the batch in one transaction and commits it.
+///
+/// The jobs first run straight in the transaction. A job that fails may
+/// have written part of its work, which must not commit with the others:
+/// then the transaction is rolled back and the batch runs again with each
+/// job in its own savepoint, so only the failed one is undone. Running
+/// every job in a savepoint always would be simpler, but a savepoint
+/// copies each page its job touches into a sub-journal (for a webhook,
+/// a dozen table and index pages): the profile put that, with the
+/// statements around it, at about a third of the writer thread.
+///
+/// On a full disk or an I/O error SQLite may roll the whole transaction
+/// back by itself: then the jobs after it must not run (each would commit
+/// on its own, outside the batch), and every job of the batch hears why it
+/// was not stored.
 fn run_batch(conn: &Connection, batch: &mut [Box<dyn WriteJob>]) -> Result<(), StoreError> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(db_error)?;
-    let mut cause: Option<StoreError> = None;
-    let rolled_back = |cause: Option<StoreError>| {
-        cause
-            .unwrap_or_else(|| StoreError::Unavailable("SQLite rolled the transaction back".into()))
-    };
-    for job in batch.iter_mut() {
-        if conn.is_autocommit() {
-            return Err(rolled_back(cause));
-        }
-        if let Some(e) = job.run(conn).filter(StoreError::is_unavailable) {
-            cause.get_or_insert(e);
-        }
-    }
-    if conn.is_autocommit() {
-        return Err(rolled_back(cause));
+    if !run_jobs(conn, batch, false)? {
+        conn.execute_batch("ROLLBACK").map_err(db_error)?;
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(db_error)?;
+        run_jobs(conn, batch, true)?;
     }
     conn.execute_batch("COMMIT").map_err(|e| {
         let _ = conn.execute_batch("ROLLBACK");
@@ -304,11 +345,11 @@ impl SqliteStore {
 
     async fn write<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+        work: impl FnMut(&Connection) -> StoreResult<T> + Send + 'static,
     ) -> StoreResult<T> {
         let (reply, answer) = oneshot::channel();
         let job: Box<dyn WriteJob> = Box::new(Job {
-            work: Some(Box::new(work)),
+            work: Box::new(work),
             result: None,
             reply,
         });
@@ -784,10 +825,10 @@ impl Store for SqliteStore {
             }
             Ok(Inserted::New(StoredEvent {
                 id: event_id,
-                source: event.source,
-                external_id: event.external_id,
-                event_type: event.event_type,
-                payload: event.payload,
+                source: event.source.clone(),
+                external_id: event.external_id.clone(),
+                event_type: event.event_type.clone(),
+                payload: event.payload.clone(),
                 received_at: event.received_at,
                 deliveries,
                 business_id: event.business_id,
@@ -845,7 +886,8 @@ impl Store for SqliteStore {
         // connection inside it, instead of a pooled read per business.
         self.write(move |conn| {
             wanted
-                .into_iter()
+                .iter()
+                .copied()
                 .map(|(business, limits)| {
                     let claimed = claim_in(conn, business, now, lease_until, limits, false)?;
                     let next_due = match claimed.len() < limits.total {
@@ -988,7 +1030,7 @@ impl Store for SqliteStore {
                      WHERE id = ?1 AND state = 'sending' AND claim_token = ?3",
                 )
                 .map_err(db_error)?;
-            for (id, token) in ids {
+            for &(id, token) in &ids {
                 stmt.execute(params![id, now, token]).map_err(db_error)?;
             }
             Ok(())
