@@ -1467,4 +1467,6 @@ impl Store for SqliteStore {
 }
 
 #[cfg(test)]
+mod batch_tests;
+#[cfg(test)]
 mod upgrade_tests;
