@@ -134,8 +134,12 @@ pub(crate) fn load_phases(
 }
 
 fn delivery_section(backend: &Backend) -> String {
+    let baseline = match SERVE_BIN.lock().map(|b| b.is_some()) {
+        Ok(true) => ", BASELINE build (BENCH_BASELINE_BIN)",
+        _ => "",
+    };
     format!(
-        "delivery, {} (fake Market, limits off; 50 businesses, 4 in flight each)",
+        "delivery, {}{baseline} (fake Market, limits off; 50 businesses, 4 in flight each)",
         backend.name()
     )
 }

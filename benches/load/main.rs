@@ -32,6 +32,9 @@
 //! (default: the system temp dir); `BENCH_KEEP=1` keeps them (and the
 //! service logs); `BENCH_BIN=path` runs another build of the binary (to
 //! compare a change); `BENCH_STRICT=1` exits 1 when a target is missed too;
+//! `BENCH_BASELINE_BIN=path` runs the SQLite end to end once more, right
+//! after this build's, with that build's `serve` (same fake Market, same
+//! load), and reports both rows and their ratio;
 //! `BENCH_ONLY=disk,render,load,queue,postgres` runs only the steps named;
 //! `BENCH_POSTGRES_URL=postgres://...` (else `CHATBRIDGE_TEST_POSTGRES_URL`)
 //! names the PostgreSQL server for the `postgres` step, which makes a
@@ -186,6 +189,45 @@ fn postgres_phases(
     Ok(())
 }
 
+/// The SQLite end to end again with the baseline build's `serve`, right
+/// after this build's: both rows, and this build's rate over the baseline's.
+fn baseline_end_to_end(
+    report: &mut Report,
+    plan: &Plan,
+    sqlite: &Backend,
+    dir: &Path,
+    sample: &Value,
+    baseline: PathBuf,
+    this_rate: f64,
+) -> Result<(), String> {
+    let copy = dir.join("chatbridge-baseline");
+    std::fs::copy(&baseline, &copy).map_err(|e| {
+        format!(
+            "cannot copy {} (BENCH_BASELINE_BIN): {e}",
+            baseline.display()
+        )
+    })?;
+    let sec = "baseline comparison (BENCH_BASELINE_BIN)";
+    report.row(sec, "baseline build", baseline.display().to_string());
+    *SERVE_BIN.lock().map_err(|e| e.to_string())? = Some(copy);
+    let result = end_to_end(report, plan, sqlite, dir, sample, 1);
+    *SERVE_BIN.lock().map_err(|e| e.to_string())? = None;
+    let (_, base_rate) = result?;
+    report.target(
+        sec,
+        "end to end on SQLite, msg/s: this build ÷ baseline (one run, back to back)",
+        format!(
+            "{:.2}× ({} ÷ {})",
+            this_rate / base_rate,
+            thousands(this_rate),
+            thousands(base_rate)
+        ),
+        "≥ 2×",
+        this_rate >= 2.0 * base_rate,
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick")
@@ -251,6 +293,9 @@ fn main() -> ExitCode {
                 let (peak, rate) = load_phases(r, &plan, &sqlite, &dir, &sample)?;
                 peak_load = Some(peak);
                 sqlite_e2e.set(Some(rate));
+                if let Some(baseline) = std::env::var_os("BENCH_BASELINE_BIN") {
+                    baseline_end_to_end(r, &plan, &sqlite, &dir, &sample, baseline.into(), rate)?;
+                }
                 Ok(())
             }),
         ),

@@ -130,6 +130,18 @@ pub(crate) fn start_fake(dir: &Path) -> Result<(Proc, SocketAddr), String> {
     Ok((p, addr))
 }
 
+/// The build `start_service` runs instead of `bin()`, while set: the
+/// baseline of `BENCH_BASELINE_BIN` (the fake Market stays this build's).
+pub(crate) static SERVE_BIN: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+pub(crate) fn serve_bin() -> PathBuf {
+    SERVE_BIN
+        .lock()
+        .ok()
+        .and_then(|b| b.clone())
+        .unwrap_or_else(|| bin().to_path_buf())
+}
+
 /// Starts `chatbridge serve` on the store `storage_url`; returns it once
 /// `/healthz` answers.
 pub(crate) fn start_service(
@@ -141,7 +153,7 @@ pub(crate) fn start_service(
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let log_path = dir.join(format!("service-{}.log", addr.port()));
     let out = File::create(&log_path).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(bin());
+    let mut cmd = Command::new(serve_bin());
     cmd.current_dir(ROOT)
         .args(["serve", "--config", "config"])
         .stdin(Stdio::null())
@@ -161,7 +173,7 @@ pub(crate) fn start_service(
     let spawned = Instant::now();
     let child = die_with_parent(&mut cmd)
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", bin().display()))?;
+        .map_err(|e| format!("cannot start {}: {e}", serve_bin().display()))?;
     let mut p = Proc {
         name: "chatbridge serve",
         child: Some(child),
