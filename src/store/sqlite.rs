@@ -1,9 +1,10 @@
 //! SQLite backend. WAL with `synchronous=FULL`: a commit is on disk when it
 //! returns. One writer thread owns the write connection and batches every
-//! write waiting in its queue into one transaction (group commit), each
-//! write in its own savepoint so one failure does not undo the others;
-//! callers hear back only after the batch's commit. Reads use their own
-//! connections on the blocking pool.
+//! write waiting in its queue into one transaction (group commit). One
+//! failing write does not undo the others: a batch with a failure is
+//! rolled back and runs again with each write in its own savepoint (see
+//! `run_batch`). Callers hear back only after the batch's commit. Reads
+//! use their own connections on the blocking pool.
 
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
