@@ -22,7 +22,7 @@ use crate::reload;
 use crate::settings::Settings;
 pub use crate::state::AppState;
 use crate::state::{ReloadState, SettingsLoader};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, QueueGaugeSource, RefresherHandle};
 use crate::{admin, dispatch, ingest, ui};
 
 pub struct Application {
@@ -31,6 +31,8 @@ pub struct Application {
     handle: ServerHandle,
     pub state: web::Data<AppState>,
     dispatcher: dispatch::DispatcherHandle,
+    /// The background reading of the queue's gauges (PostgreSQL only).
+    gauge_refresher: Option<RefresherHandle>,
     handle_signals: bool,
     _watcher: Option<notify::RecommendedWatcher>,
     /// Held until `run_until_stopped` ends: no second process on the database.
@@ -82,6 +84,7 @@ impl Application {
         let keep_alive = settings.server.keep_alive_secs;
         let max_connections = settings.server.max_connections;
         let watch = settings.server.watch_config;
+        let gauge_refresh = Duration::from_millis(settings.storage.gauge_refresh_ms);
         let loader = options.loader.unwrap_or_else(|| {
             let dir = settings.config_dir.clone();
             Arc::new(move || Settings::load(&dir).map_err(|e| vec![e.to_string()]))
@@ -89,6 +92,8 @@ impl Application {
         let started_with = settings.clone();
         let pipeline = Arc::new(ArcSwap::from_pointee(pipeline));
         let wake = Arc::new(Notify::new());
+        let (queue_gauges, gauge_refresher) =
+            QueueGaugeSource::start(store.clone(), options.clock.clone(), gauge_refresh);
         let dispatch_status = Arc::new(dispatch::status::DispatchStatus::default());
         let state = web::Data::new(AppState {
             pipeline: pipeline.clone(),
@@ -97,6 +102,7 @@ impl Application {
             clock: options.clock.clone(),
             wake: wake.clone(),
             metrics: metrics.clone(),
+            queue_gauges,
             refusals: Default::default(),
             dispatch: dispatch_status.clone(),
             loader,
@@ -185,6 +191,7 @@ impl Application {
             handle,
             state,
             dispatcher,
+            gauge_refresher,
             handle_signals: options.handle_signals,
             _watcher: watcher,
             serve_lock,
@@ -218,6 +225,7 @@ impl Application {
             server,
             handle,
             dispatcher,
+            gauge_refresher,
             handle_signals,
             serve_lock,
             ..
@@ -243,6 +251,9 @@ impl Application {
         };
         tracing::info!("HTTP server stopped; finishing in-flight sends");
         dispatcher.shutdown().await;
+        if let Some(refresher) = gauge_refresher {
+            refresher.stop();
+        }
         // Released only now, once this process no longer sends.
         drop(serve_lock);
         served
@@ -315,49 +326,15 @@ async fn readyz(state: web::Data<AppState>, ping_timeout: Duration) -> HttpRespo
     }
 }
 
-/// Prometheus text. The queue gauges are read from the store; while it is
-/// unavailable they are left out (and `chatbridge_store_up` is 0), so the
-/// scrape itself still answers.
+/// Prometheus text. The queue's gauges come from `telemetry::gauges`
+/// (never a count of the queue at scrape time); while the store is
+/// unavailable they are left out or, on PostgreSQL, shown as last read
+/// (and `chatbridge_store_up` is 0), so the scrape itself still answers.
 async fn metrics_text(state: web::Data<AppState>) -> HttpResponse {
-    let now = state.clock.now_ms();
-    let m = &state.metrics;
-    match state.store.queue_summary().await {
-        Ok(summary) => {
-            m.queue_depth.reset();
-            m.oldest_pending_age.reset();
-            for b in &summary {
-                let label = b.business_id.to_string();
-                m.queue_depth
-                    .with_label_values(&[&label])
-                    .set(b.queued + b.held);
-                let age = b
-                    .oldest_queued_at
-                    .map(|t| (now - t).max(0) / 1000)
-                    .unwrap_or(0);
-                m.oldest_pending_age.with_label_values(&[&label]).set(age);
-            }
-        }
-        Err(e) => {
-            m.queue_depth.reset();
-            m.oldest_pending_age.reset();
-            if !e.is_unavailable() {
-                tracing::error!(error = %e, "metrics: cannot read the queue");
-            }
-        }
-    }
-    match state.store.state_counts().await {
-        Ok(counts) => {
-            for (delivery_state, n) in counts {
-                m.deliveries
-                    .with_label_values(&[delivery_state.as_str()])
-                    .set(n);
-            }
-        }
-        Err(_) => m.deliveries.reset(),
-    }
+    state.queue_gauges.publish(&state.metrics).await;
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(m.render())
+        .body(state.metrics.render())
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

@@ -133,7 +133,7 @@ async fn try_reload(state: &AppState) -> Result<Applied, Vec<String>> {
 /// back says nothing, and a change still waiting is named again.
 fn startup_only_changes(running: &Settings, new: &Settings) -> Vec<&'static str> {
     let (a, b) = (running, new);
-    let checks: [(&'static str, bool); 13] = [
+    let checks: [(&'static str, bool); 14] = [
         ("server.listen", a.server.listen != b.server.listen),
         ("server.workers", a.server.workers != b.server.workers),
         ("storage.url", a.storage.url != b.storage.url),
@@ -145,6 +145,10 @@ fn startup_only_changes(running: &Settings, new: &Settings) -> Vec<&'static str>
         (
             "storage.connect_timeout_secs",
             a.storage.connect_timeout_secs != b.storage.connect_timeout_secs,
+        ),
+        (
+            "storage.gauge_refresh_ms",
+            a.storage.gauge_refresh_ms != b.storage.gauge_refresh_ms,
         ),
         (
             "server.client_request_timeout_ms",

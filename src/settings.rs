@@ -188,6 +188,9 @@ pub struct StorageSettings {
     pub pool_size: usize,
     /// PostgreSQL: how long to wait to connect, or for a free connection.
     pub connect_timeout_secs: u64,
+    /// PostgreSQL: how often this process reads the queue's gauges for
+    /// `/metrics` from the database (other instances change them too).
+    pub gauge_refresh_ms: u64,
 }
 
 impl std::fmt::Debug for StorageSettings {
@@ -197,6 +200,7 @@ impl std::fmt::Debug for StorageSettings {
             .field("retention_days", &self.retention_days)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field("gauge_refresh_ms", &self.gauge_refresh_ms)
             .finish()
     }
 }
@@ -208,6 +212,7 @@ impl Default for StorageSettings {
             retention_days: 30,
             pool_size: 16,
             connect_timeout_secs: 5,
+            gauge_refresh_ms: 5000,
         }
     }
 }
@@ -683,6 +688,12 @@ impl Settings {
             out.push(
                 "storage.pool_size and storage.connect_timeout_secs must each be at least 1".into(),
             );
+        }
+        if self.storage.gauge_refresh_ms < 10 {
+            out.push(format!(
+                "storage.gauge_refresh_ms ({}) must be at least 10: each refresh counts the queue in the database",
+                self.storage.gauge_refresh_ms
+            ));
         }
         if !(self.market.base_url.starts_with("http://")
             || self.market.base_url.starts_with("https://"))

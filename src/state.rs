@@ -14,7 +14,7 @@ use crate::pipeline::Pipeline;
 use crate::settings::Settings;
 use crate::store::health::StoreHealth;
 use crate::store::Store;
-use crate::telemetry::{Metrics, RefusalLog};
+use crate::telemetry::{Metrics, QueueGaugeSource, RefusalLog};
 
 /// What request handlers share.
 pub struct AppState {
@@ -27,6 +27,8 @@ pub struct AppState {
     /// Tells the dispatcher new work is queued.
     pub wake: Arc<Notify>,
     pub metrics: Arc<Metrics>,
+    /// Where `/metrics` reads the queue's gauges.
+    pub queue_gauges: QueueGaugeSource,
     /// Refused webhooks, logged without letting a flood flood the log.
     pub refusals: RefusalLog,
     /// What the dispatcher publishes of each business (pause, key, quota).

@@ -331,6 +331,14 @@ impl Store for Watched {
         self.watch(Read, self.inner.state_counts()).await
     }
 
+    async fn queue_gauges(&self) -> StoreResult<QueueGauges> {
+        self.watch(Read, self.inner.queue_gauges()).await
+    }
+
+    fn changed_by_other_processes(&self) -> bool {
+        self.inner.changed_by_other_processes()
+    }
+
     async fn prune(&self, before: Millis, batch: usize) -> StoreResult<u64> {
         self.watch(Write, self.inner.prune(before, batch)).await
     }

@@ -304,6 +304,28 @@ pub struct BusinessQueue {
     pub oldest_queued_at: Option<Millis>,
 }
 
+/// What `/metrics` shows of the queue: [`Store::queue_summary`] and
+/// [`Store::state_counts`] read together.
+#[derive(Debug, Clone, Default)]
+pub struct QueueGauges {
+    pub businesses: Vec<BusinessQueue>,
+    pub states: Vec<(DeliveryState, i64)>,
+}
+
+/// Every state but `delivered`, in [`DeliveryState::ALL`]'s order, with
+/// the counts given per state name (0 where none is given): what
+/// [`Store::state_counts`] answers on every backend.
+pub(crate) fn open_state_counts(
+    counted: impl IntoIterator<Item = (String, i64)>,
+) -> Vec<(DeliveryState, i64)> {
+    let counted: std::collections::HashMap<String, i64> = counted.into_iter().collect();
+    DeliveryState::ALL
+        .into_iter()
+        .filter(|s| *s != DeliveryState::Delivered)
+        .map(|s| (s, counted.get(s.as_str()).copied().unwrap_or(0)))
+        .collect()
+}
+
 /// How many deliveries one claim may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClaimLimits {
@@ -457,9 +479,29 @@ pub trait Store: Send + Sync + 'static {
     /// Marks a delivery failed again (it still does not render).
     async fn mark_failed(&self, id: i64, reason: String, now: Millis) -> StoreResult<()>;
     async fn cancel(&self, id: i64, now: Millis) -> StoreResult<()>;
+    /// Open, dead and failed deliveries per business (those with any),
+    /// with the business's oldest queued one. For the admin queue view and
+    /// `/metrics`: SQLite reads counts kept as states change, PostgreSQL
+    /// counts from partial indexes (no table rows read).
     async fn queue_summary(&self) -> StoreResult<Vec<BusinessQueue>>;
     /// Deliveries per state, `delivered` excepted.
     async fn state_counts(&self) -> StoreResult<Vec<(DeliveryState, i64)>>;
+    /// Both of the above, in one reading where the backend can.
+    async fn queue_gauges(&self) -> StoreResult<QueueGauges> {
+        Ok(QueueGauges {
+            businesses: self.queue_summary().await?,
+            states: self.state_counts().await?,
+        })
+    }
+    /// Whether other processes change this store's deliveries too
+    /// (PostgreSQL). Then `/metrics` shows the queue's gauges from a
+    /// reading refreshed in the background (see `telemetry::gauges`), as
+    /// counting them costs a scan of the queue's indexes; otherwise this
+    /// process sees every change and they are kept up to date as they
+    /// happen, so a scrape reads them directly.
+    fn changed_by_other_processes(&self) -> bool {
+        false
+    }
     /// Deletes up to `batch` events received before `before` whose
     /// deliveries are all finished, with their deliveries and attempts.
     /// Returns how many events went; their ids may then be sent again.

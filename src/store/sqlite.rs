@@ -129,6 +129,38 @@ CREATE TABLE method_pauses (
     PRIMARY KEY (business_id, method)
 ) WITHOUT ROWID;
 "#,
+    // The queue's gauges without counting the queue: deliveries per
+    // business (0: none yet) and state, kept by triggers inside the very
+    // transaction that changes a delivery, so they cannot drift from the
+    // rows (filled from the rows on upgrade). The oldest queued delivery of
+    // a business is one probe of `deliveries_queued_since`.
+    r#"
+CREATE TABLE delivery_counts (
+    business_id INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    n           INTEGER NOT NULL,
+    PRIMARY KEY (business_id, state)
+) WITHOUT ROWID;
+INSERT INTO delivery_counts (business_id, state, n)
+    SELECT IFNULL(business_id, 0), state, COUNT(*) FROM deliveries GROUP BY 1, 2;
+CREATE TRIGGER delivery_counts_insert AFTER INSERT ON deliveries BEGIN
+    INSERT INTO delivery_counts (business_id, state, n) VALUES (IFNULL(NEW.business_id, 0), NEW.state, 1)
+        ON CONFLICT (business_id, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER delivery_counts_update AFTER UPDATE OF state, business_id ON deliveries
+    WHEN OLD.state IS NOT NEW.state OR OLD.business_id IS NOT NEW.business_id
+BEGIN
+    UPDATE delivery_counts SET n = n - 1
+        WHERE business_id = IFNULL(OLD.business_id, 0) AND state = OLD.state;
+    INSERT INTO delivery_counts (business_id, state, n) VALUES (IFNULL(NEW.business_id, 0), NEW.state, 1)
+        ON CONFLICT (business_id, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER delivery_counts_delete AFTER DELETE ON deliveries BEGIN
+    UPDATE delivery_counts SET n = n - 1
+        WHERE business_id = IFNULL(OLD.business_id, 0) AND state = OLD.state;
+END;
+CREATE INDEX deliveries_queued_since ON deliveries (business_id, queued_at) WHERE state = 'queued';
+"#,
 ];
 
 /// A write: `FnMut` because a batch that had a failing job runs again
@@ -1312,15 +1344,23 @@ impl Store for SqliteStore {
     }
 
     async fn queue_summary(&self) -> StoreResult<Vec<BusinessQueue>> {
+        // From the trigger-kept counts (a few rows per business) and one
+        // index probe per business for its oldest queued delivery: the
+        // same answer as grouping every open delivery, at any queue size.
         self.read(|conn| {
             conn.prepare_cached(
-                "SELECT business_id,
-                        SUM(state = 'queued'), SUM(state = 'sending'), SUM(state = 'held'),
-                        SUM(state = 'dead'), SUM(state = 'failed'),
-                        MIN(CASE WHEN state = 'queued' THEN queued_at END)
-                 FROM deliveries WHERE business_id IS NOT NULL
-                   AND state IN ('queued', 'sending', 'held', 'dead', 'failed')
-                 GROUP BY business_id ORDER BY business_id",
+                "SELECT c.business_id,
+                        SUM(CASE c.state WHEN 'queued' THEN c.n ELSE 0 END),
+                        SUM(CASE c.state WHEN 'sending' THEN c.n ELSE 0 END),
+                        SUM(CASE c.state WHEN 'held' THEN c.n ELSE 0 END),
+                        SUM(CASE c.state WHEN 'dead' THEN c.n ELSE 0 END),
+                        SUM(CASE c.state WHEN 'failed' THEN c.n ELSE 0 END),
+                        (SELECT MIN(d.queued_at) FROM deliveries d INDEXED BY deliveries_queued_since
+                         WHERE d.state = 'queued' AND d.business_id = c.business_id)
+                 FROM delivery_counts c
+                 WHERE c.business_id <> 0 AND c.n > 0
+                   AND c.state IN ('queued', 'sending', 'held', 'dead', 'failed')
+                 GROUP BY c.business_id ORDER BY c.business_id",
             )
             .and_then(|mut s| {
                 s.query_map([], |r| {
@@ -1365,23 +1405,16 @@ impl Store for SqliteStore {
     }
 
     async fn state_counts(&self) -> StoreResult<Vec<(DeliveryState, i64)>> {
-        // One index range per state; `delivered` grows without bound and is
-        // left out (count it with chatbridge_deliveries_total).
+        // `delivered` grows without bound and is left out (count it with
+        // chatbridge_deliveries_total).
         self.read(|conn| {
-            let mut stmt = conn
-                .prepare_cached("SELECT COUNT(*) FROM deliveries WHERE state = ?1")
+            let counted: Vec<(String, i64)> = conn
+                .prepare_cached(
+                    "SELECT state, SUM(n) FROM delivery_counts WHERE state <> 'delivered' GROUP BY state",
+                )
+                .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
                 .map_err(db_error)?;
-            DeliveryState::ALL
-                .into_iter()
-                .filter(|s| *s != DeliveryState::Delivered)
-                .map(|s| {
-                    Ok((
-                        s,
-                        stmt.query_row([s.as_str()], |r| r.get(0))
-                            .map_err(db_error)?,
-                    ))
-                })
-                .collect()
+            Ok(open_state_counts(counted))
         })
         .await
     }

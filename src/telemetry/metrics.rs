@@ -1,9 +1,11 @@
 //! Prometheus metrics, on a registry owned by the app (no global). Counters
-//! are bumped where things happen; gauges about the queue are read from the
-//! store when `/metrics` is scraped, so they are right after a restart.
+//! are bumped where things happen; gauges about the queue come from the
+//! store when `/metrics` is scraped (see `gauges.rs`), so they are right
+//! after a restart.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
     TextEncoder,
 };
 
@@ -14,13 +16,15 @@ pub struct Metrics {
     pub webhooks: IntCounterVec,
     /// Deliveries created or finished in this process, by state reached.
     pub deliveries_total: IntCounterVec,
-    /// Deliveries in each open state, read from the store at scrape time.
+    /// Deliveries in each state but delivered, from the store (see `gauges.rs`).
     pub deliveries: IntGaugeVec,
     /// Market requests by HTTP status ("none" for no answer) and API error code.
     pub market_requests: IntCounterVec,
     pub send_latency: HistogramVec,
     pub queue_depth: IntGaugeVec,
     pub oldest_pending_age: IntGaugeVec,
+    /// How old the reading of the three queue gauges above is (no labels).
+    pub queue_gauges_age: GaugeVec,
     pub quota_used: IntGaugeVec,
     pub quota_limit: IntGaugeVec,
     pub config_reloads: IntCounterVec,
@@ -105,6 +109,21 @@ impl Metrics {
                 "Age of the oldest waiting delivery, per business",
                 &["business"],
             ),
+            queue_gauges_age: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "chatbridge_queue_gauges_age_seconds",
+                        "How old the reading of chatbridge_deliveries, chatbridge_queue_depth and \
+                         chatbridge_oldest_pending_age_seconds is (0: read at this scrape)",
+                    ),
+                    &[],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(g.clone()))
+                    .expect("unique metric");
+                g
+            },
             quota_used: gauge(
                 &registry,
                 "chatbridge_quota_used",

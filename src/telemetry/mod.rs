@@ -32,8 +32,10 @@ fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> b
     stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
+mod gauges;
 mod metrics;
 mod refusals;
+pub use gauges::{QueueGaugeSource, RefresherHandle};
 pub use metrics::Metrics;
 pub use refusals::{Refusal, RefusalLog, INTERVAL_MS as REFUSAL_LOG_INTERVAL_MS};
 

@@ -221,6 +221,9 @@ async fn spawn(options: TestOptions, dispatching: bool) -> TestApp {
         settings.storage.url = storage_url.clone();
         // Many tests run at once against a server allowing 100 connections.
         settings.storage.pool_size = 4;
+        // PostgreSQL's /metrics shows the queue's gauges as last read in
+        // the background: read often, so a test waits little for them.
+        settings.storage.gauge_refresh_ms = 50;
         settings.templates.dir = dir.join("templates");
         settings.market.base_url = market_url.clone();
         settings.market.api_key = Some(API_KEY.to_owned().into());

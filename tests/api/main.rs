@@ -8,6 +8,7 @@ mod crash;
 mod delivery;
 mod dispatch;
 mod fake_market;
+mod gauges;
 mod helpers;
 mod hostile;
 mod ingest;
@@ -20,6 +21,7 @@ mod outage;
 mod pipeline;
 mod postgres;
 mod process;
+mod prometheus;
 mod serve_binary;
 // PostgreSQL only (see postgres.rs for what runs without it).
 #[cfg(postgres_tests)]

@@ -1,4 +1,4 @@
-//! The store-touching suites (admin, delivery, dispatch, ingest,
+//! The store-touching suites (admin, delivery, dispatch, gauges, ingest,
 //! notifications, orders) once more, on PostgreSQL: the same files,
 //! compiled a second time in this module, where `helpers` is the shared one with `spawn_app` and
 //! `spawn_app_with` starting the app on a fresh PostgreSQL database. So
@@ -12,7 +12,7 @@
 
 #[cfg(not(postgres_tests))]
 #[test]
-#[ignore = "CHATBRIDGE_TEST_POSTGRES_URL is not set: the admin, delivery, dispatch, ingest, notifications and orders suites did not run on PostgreSQL, nor several_instances and several_processes (instances sharing one database)"]
+#[ignore = "CHATBRIDGE_TEST_POSTGRES_URL is not set: the admin, delivery, dispatch, gauges, ingest, notifications and orders suites did not run on PostgreSQL, nor several_instances and several_processes (instances sharing one database)"]
 fn postgres_suites_skipped() {}
 
 #[cfg(postgres_tests)]
@@ -41,6 +41,9 @@ mod delivery;
 #[cfg(postgres_tests)]
 #[path = "dispatch.rs"]
 mod dispatch;
+#[cfg(postgres_tests)]
+#[path = "gauges.rs"]
+mod gauges;
 #[cfg(postgres_tests)]
 #[path = "ingest.rs"]
 mod ingest;

@@ -122,3 +122,12 @@ CREATE TABLE store_copies (
 -- (stored since this migration, so other instances and a restarted one
 -- wait for the window too). Rows an older version writes are its 420s.
 ALTER TABLE method_pauses ADD COLUMN reason TEXT NOT NULL DEFAULT 'market_420';
+
+-- migration 5
+-- The queue's gauges counted from indexes alone (see `open_counts` in
+-- postgres.rs): the queued ones by business with their oldest queued time,
+-- and the finished-but-stuck ones by business and state. No counter row:
+-- every instance writes deliveries, and one row would serialise them.
+CREATE INDEX deliveries_queued_since ON deliveries (business_id, queued_at) WHERE state = 'queued';
+CREATE INDEX deliveries_stopped ON deliveries (business_id, state)
+    WHERE state IN ('dead', 'failed', 'cancelled');

@@ -61,3 +61,123 @@ async fn an_old_database_is_upgraded_in_place_and_its_queue_keeps_its_chat_order
         .unwrap();
     assert_eq!(version as usize, MIGRATIONS.len());
 }
+
+/// The queue's counts come from `delivery_counts` (migration 8),
+/// which an upgrade fills from the rows already there; afterwards the
+/// triggers keep it equal to counting the rows.
+#[actix_rt::test]
+async fn an_upgrade_counts_the_deliveries_already_there_and_the_counts_then_follow_the_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let mut conn = Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        // The schema just before the migration that made the counts.
+        let before = MIGRATIONS
+            .iter()
+            .position(|m| m.contains("CREATE TABLE delivery_counts"))
+            .unwrap();
+        for script in &MIGRATIONS[..before] {
+            tx.execute_batch(script).unwrap();
+        }
+        tx.execute_batch(&format!("PRAGMA user_version = {before}"))
+            .unwrap();
+        tx.execute_batch(
+            "INSERT INTO events (id, source, external_id, event_type, payload, received_at)
+                 VALUES (1, 'oms', 'evt-1', 'order.shipped', '{}', 1000);",
+        )
+        .unwrap();
+        let rows = [
+            (111, "queued", 5000),
+            (111, "queued", 3000),
+            (111, "sending", 1000),
+            (111, "dead", 1000),
+            (222, "held", 1000),
+            (222, "delivered", 1000),
+            (0, "failed", 1000),
+            (222, "cancelled", 1000),
+        ];
+        for (business, state, queued_at) in rows {
+            tx.execute(
+                "INSERT INTO deliveries (event_id, route, template, business_id, chat_id, text,
+                     state, created_at, queued_at, next_attempt_at, updated_at)
+                 VALUES (1, 'r', 't', NULLIF(?1, 0), 5001, 'x', ?2, 1000, ?3, ?3, 1000)",
+                params![business, state, queued_at],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    let store = SqliteStore::open(&path).unwrap();
+
+    let summary = store.queue_summary().await.unwrap();
+    let shown: Vec<_> = summary
+        .iter()
+        .map(|b| {
+            (
+                b.business_id,
+                [b.queued, b.sending, b.held, b.dead, b.failed],
+                b.oldest_queued_at,
+            )
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (111, [2, 1, 0, 1, 0], Some(3000)),
+            (222, [0, 0, 1, 0, 0], None)
+        ]
+    );
+    let states = store.state_counts().await.unwrap();
+    assert_eq!(
+        states,
+        [
+            (DeliveryState::Queued, 2),
+            (DeliveryState::Sending, 1),
+            (DeliveryState::Held, 1),
+            (DeliveryState::Dead, 1),
+            (DeliveryState::Failed, 1),
+            (DeliveryState::Cancelled, 1),
+        ]
+    );
+
+    // Every kind of change the service makes: state, business, delete.
+    store
+        .write(|conn| {
+            conn.execute_batch(
+                "UPDATE deliveries SET state = 'delivered' WHERE state = 'sending';
+                 UPDATE deliveries SET state = 'queued', business_id = 333 WHERE state = 'failed';
+                 DELETE FROM deliveries WHERE state = 'cancelled';
+                 UPDATE deliveries SET updated_at = 2000;",
+            )
+            .map_err(db_error)
+        })
+        .await
+        .unwrap();
+    let counted: Vec<(i64, String, i64)> = Connection::open(&path)
+        .unwrap()
+        .prepare(
+            "SELECT IFNULL(business_id, 0), state, COUNT(*) FROM deliveries
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let kept: Vec<(i64, String, i64)> = Connection::open(&path)
+        .unwrap()
+        .prepare("SELECT business_id, state, n FROM delivery_counts WHERE n <> 0 ORDER BY 1, 2")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(kept, counted);
+    assert_eq!(
+        store.queue_summary().await.unwrap()[2].business_id,
+        333,
+        "a delivery that found its business counts for it"
+    );
+}
