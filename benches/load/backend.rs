@@ -98,6 +98,7 @@ impl Backend {
             retention_days: 30,
             pool_size: 4,
             connect_timeout_secs: 10,
+            ..Default::default()
         };
         chatbridge::store::open(&settings).map_err(|e| e.to_string())
     }
