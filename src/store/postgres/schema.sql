@@ -131,3 +131,10 @@ ALTER TABLE method_pauses ADD COLUMN reason TEXT NOT NULL DEFAULT 'market_420';
 CREATE INDEX deliveries_queued_since ON deliveries (business_id, queued_at) WHERE state = 'queued';
 CREATE INDEX deliveries_stopped ON deliveries (business_id, state)
     WHERE state IN ('dead', 'failed', 'cancelled');
+
+-- migration 6
+-- The claim of deliveries whose chat must be found first (as SQLite's
+-- migration 9): without it, each claim walked every due delivery of the
+-- business, all with chats. Few rows are in it.
+CREATE INDEX deliveries_due_lookup ON deliveries (business_id, next_attempt_at, id)
+    WHERE state = 'queued' AND chat_id IS NULL;
