@@ -197,6 +197,32 @@ pub enum Verdict {
     },
 }
 
+impl Verdict {
+    /// The attempt's `outcome` column.
+    pub fn outcome_name(&self) -> &'static str {
+        match self {
+            Verdict::ChatFound { .. } => "chat_found",
+            Verdict::Delivered => "delivered",
+            Verdict::Retry { .. } => "retry",
+            Verdict::Throttled { .. } => "throttled",
+            Verdict::Dead { .. } => "dead",
+            Verdict::Held { .. } => "held",
+        }
+    }
+}
+
+/// Why an event's deliveries were stored `cancelled`: event `id` (of
+/// `event_type`, at `at`) about the same subject happened later (both
+/// backends store this same reason).
+fn stale_reason(ordering: &EventOrdering, id: i64, event_type: &str, at: Millis) -> String {
+    format!(
+        "stale: this notification about {} happened at {}, but event {id} ({event_type}) about it happened later, at {}; not sent, so the buyer does not hear old news after new",
+        ordering.subject,
+        crate::clock::to_rfc3339(ordering.happened_at),
+        crate::clock::to_rfc3339(at)
+    )
+}
+
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct ApiErrorEntry {
     pub code: String,

@@ -742,24 +742,8 @@ async fn later_news(
         .map_err(db_error)?;
     Ok(later.map(|r| {
         let (id, event_type, at): (i64, String, i64) = (r.get(0), r.get(1), r.get(2));
-        format!(
-            "stale: this notification about {} happened at {}, but event {id} ({event_type}) about it happened later, at {}; not sent, so the buyer does not hear old news after new",
-            ordering.subject,
-            to_rfc3339(ordering.happened_at),
-            to_rfc3339(at)
-        )
+        stale_reason(ordering, id, &event_type, at)
     }))
-}
-
-fn outcome_name(verdict: &Verdict) -> &'static str {
-    match verdict {
-        Verdict::ChatFound { .. } => "chat_found",
-        Verdict::Delivered => "delivered",
-        Verdict::Retry { .. } => "retry",
-        Verdict::Throttled { .. } => "throttled",
-        Verdict::Dead { .. } => "dead",
-        Verdict::Held { .. } => "held",
-    }
 }
 
 /// `d` is the first open delivery of its conversation. Written as "its id
@@ -1245,7 +1229,7 @@ impl Store for PostgresStore {
                         &attempt.finished_at,
                         &attempt.latency_ms,
                         &attempt.http_status.map(i32::from),
-                        &outcome_name(&attempt.verdict),
+                        &attempt.verdict.outcome_name(),
                         &errors,
                         &attempt.error,
                         &attempt.counts_for_quota,

@@ -586,25 +586,7 @@ fn later_news(
             .optional()
         })
         .map_err(db_error)?;
-    Ok(later.map(|(id, event_type, at)| {
-        format!(
-            "stale: this notification about {} happened at {}, but event {id} ({event_type}) about it happened later, at {}; not sent, so the buyer does not hear old news after new",
-            ordering.subject,
-            to_rfc3339(ordering.happened_at),
-            to_rfc3339(at)
-        )
-    }))
-}
-
-fn outcome_name(verdict: &Verdict) -> &'static str {
-    match verdict {
-        Verdict::ChatFound { .. } => "chat_found",
-        Verdict::Delivered => "delivered",
-        Verdict::Retry { .. } => "retry",
-        Verdict::Throttled { .. } => "throttled",
-        Verdict::Dead { .. } => "dead",
-        Verdict::Held { .. } => "held",
-    }
+    Ok(later.map(|(id, event_type, at)| stale_reason(ordering, id, &event_type, at)))
 }
 
 /// A delivery's chat, context and conversation columns. The chat of an
@@ -1000,7 +982,7 @@ impl Store for SqliteStore {
                     attempt.finished_at,
                     attempt.latency_ms,
                     attempt.http_status,
-                    outcome_name(&attempt.verdict),
+                    attempt.verdict.outcome_name(),
                     errors,
                     attempt.error,
                     attempt.counts_for_quota,
