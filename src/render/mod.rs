@@ -10,7 +10,7 @@ mod strict;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use handlebars::Handlebars;
+use handlebars::{Context, Handlebars};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -201,7 +201,7 @@ impl Renderer {
     }
 
     /// Renders one route for one event.
-    pub fn render(&self, route: &Route, context: &Value) -> Result<Rendered, String> {
+    pub fn render(&self, route: &Route, context: &Context) -> Result<Rendered, String> {
         let business_id = self
             .render_id(route, "business_id", &route.business_id, context)
             .and_then(|raw| BusinessId::parse(&raw))?;
@@ -215,7 +215,7 @@ impl Renderer {
     }
 
     /// The chat the route names, or the order or return whose chat it is.
-    pub fn render_target(&self, route: &Route, context: &Value) -> Result<Target, String> {
+    pub fn render_target(&self, route: &Route, context: &Context) -> Result<Target, String> {
         for (kind, id) in [
             (ContextKind::Order, &route.order_id),
             (ContextKind::Return, &route.return_id),
@@ -240,7 +240,7 @@ impl Renderer {
     pub fn render_ids(
         &self,
         route: &Route,
-        context: &Value,
+        context: &Context,
     ) -> (Option<BusinessId>, Option<Target>) {
         let business_id = self
             .render_id(route, "business_id", &route.business_id, context)
@@ -250,9 +250,9 @@ impl Renderer {
     }
 
     /// The message text alone, unchecked for length.
-    pub fn render_text(&self, template: &str, context: &Value) -> Result<String, String> {
+    pub fn render_text(&self, template: &str, context: &Context) -> Result<String, String> {
         self.hb
-            .render(template, context)
+            .render_with_context(template, context)
             .map_err(|e| format!("template {template:?}: {}", self.render_error(&e)))
     }
 
@@ -261,7 +261,7 @@ impl Renderer {
         route: &Route,
         field: &str,
         id: &Option<IdSource>,
-        context: &Value,
+        context: &Context,
     ) -> Result<String, String> {
         match id {
             Some(IdSource::Fixed(n)) => Ok(n.to_string()),
@@ -269,7 +269,7 @@ impl Renderer {
             // lookup, as strict as Handlebars (a missing field is an error).
             Some(IdSource::Template(t)) if plain_path(t).is_some() => {
                 let path = plain_path(t).unwrap_or_default();
-                match crate::routes::lookup_path(context, path) {
+                match crate::routes::lookup_path(context.data(), path) {
                     Some(Value::String(s)) => Ok(s.clone()),
                     Some(Value::Number(n)) => Ok(n.to_string()),
                     Some(other) => Err(format!("{field}: {path:?} is {other}, not an id")),
@@ -278,7 +278,7 @@ impl Renderer {
             }
             Some(IdSource::Template(_)) => self
                 .hb
-                .render(&id_template_name(&route.name, field), context)
+                .render_with_context(&id_template_name(&route.name, field), context)
                 .map_err(|e| format!("{field}: {}", self.render_error(&e))),
             None => Err(format!("route {:?} has no {field}", route.name)),
         }
@@ -302,7 +302,9 @@ fn plain_path(template: &str) -> Option<&str> {
 }
 
 /// The context a template sees: the event's JSON with `_event` beside it.
-pub fn event_context(payload: &Value, meta: &EventMeta) -> Value {
+/// Built once per event and shared by its routes (Handlebars would copy a
+/// borrowed JSON value into a context of its own at every render).
+pub fn event_context(payload: &Value, meta: &EventMeta) -> Context {
     let mut context = match payload {
         Value::Object(map) => map.clone(),
         other => {
@@ -315,7 +317,7 @@ pub fn event_context(payload: &Value, meta: &EventMeta) -> Value {
         "_event".into(),
         serde_json::to_value(meta).unwrap_or(Value::Null),
     );
-    Value::Object(context)
+    Context::from(Value::Object(context))
 }
 
 fn id_template_name(route: &str, field: &str) -> String {
@@ -452,7 +454,7 @@ mod tests {
     fn text_is_not_html_escaped() {
         let (_d, r) = renderer_with("t", "{{name}}");
         let out = r
-            .render_text("t", &json!({"name": "Tom & \"Jerry\" <Ёж>"}))
+            .render_text("t", &Context::from(json!({"name": "Tom & \"Jerry\" <Ёж>"})))
             .unwrap();
         assert_eq!(out, "Tom & \"Jerry\" <Ёж>");
     }
@@ -460,24 +462,24 @@ mod tests {
     #[test]
     fn a_missing_field_is_an_error_naming_it() {
         let (_d, r) = renderer_with("t", "Трек: {{tracking.number}}");
-        let err = r.render_text("t", &json!({"tracking": {}})).unwrap_err();
+        let err = r.render_text("t", &Context::from(json!({"tracking": {}}))).unwrap_err();
         assert!(err.contains("tracking.number"), "{err}");
     }
 
     #[test]
     fn helpers_refuse_missing_arguments() {
         let (_d, r) = renderer_with("t", "{{rub refund.amount}}");
-        let err = r.render_text("t", &json!({})).unwrap_err();
+        let err = r.render_text("t", &Context::from(json!({}))).unwrap_err();
         assert!(err.contains("refund.amount"), "{err}");
         let (_d, r) = renderer_with("t", "{{default note \"нет\"}}");
-        assert_eq!(r.render_text("t", &json!({})).unwrap(), "нет");
+        assert_eq!(r.render_text("t", &Context::from(json!({}))).unwrap(), "нет");
     }
 
     #[test]
     fn dates_render_in_the_given_zone() {
         let (_d, r) = renderer_with("t", "{{date at \"%d.%m.%Y %H:%M\" \"Europe/Moscow\"}}");
         let out = r
-            .render_text("t", &json!({"at": "2026-11-25T09:30:00Z"}))
+            .render_text("t", &Context::from(json!({"at": "2026-11-25T09:30:00Z"})))
             .unwrap();
         assert_eq!(out, "25.11.2026 12:30");
     }
