@@ -64,7 +64,7 @@ async fn an_old_database_is_upgraded_in_place_and_its_queue_keeps_its_chat_order
 
 /// The queue's counts come from `delivery_counts` (migration 8),
 /// which an upgrade fills from the rows already there; afterwards the
-/// triggers keep it equal to counting the rows.
+/// store's writes keep it equal to counting the rows.
 #[actix_rt::test]
 async fn an_upgrade_counts_the_deliveries_already_there_and_the_counts_then_follow_the_rows() {
     let dir = tempfile::tempdir().unwrap();
@@ -142,17 +142,64 @@ async fn an_upgrade_counts_the_deliveries_already_there_and_the_counts_then_foll
         ]
     );
 
-    // Every kind of change the service makes: state, business, delete.
+    // The store's own writes keep the counts (migration 10: the writer,
+    // not triggers): a cancel, a requeue to another business, a mark as
+    // failed, a claim and its delivered answer.
+    store.cancel(1, 2000).await.unwrap();
     store
-        .write(|conn| {
-            conn.execute_batch(
-                "UPDATE deliveries SET state = 'delivered' WHERE state = 'sending';
-                 UPDATE deliveries SET state = 'queued', business_id = 333 WHERE state = 'failed';
-                 DELETE FROM deliveries WHERE state = 'cancelled';
-                 UPDATE deliveries SET updated_at = 2000;",
-            )
-            .map_err(db_error)
-        })
+        .requeue(
+            7,
+            RenderedMessage {
+                business_id: BusinessId(333),
+                target: Target::Chat(ChatId(5001)),
+                text: "x".into(),
+            },
+            2000,
+        )
+        .await
+        .unwrap();
+    store.mark_failed(4, "broken".into(), 2000).await.unwrap();
+    let caps = SharedCaps {
+        max_in_flight: 4,
+        send_limit: 100,
+        lookup_limit: 100,
+        window_ms: 3_600_000,
+    };
+    let claimed = store
+        .claim(
+            BusinessId(111),
+            9_000,
+            69_000,
+            ClaimLimits {
+                sends: 4,
+                chat_lookups: 4,
+                total: 4,
+                caps,
+            },
+            false,
+        )
+        .await
+        .unwrap();
+    let sent = claimed.into_iter().next().expect("a queued delivery of 111");
+    store
+        .record(
+            Attempt {
+                delivery_id: sent.id,
+                claim_token: sent.claim_token,
+                business_id: BusinessId(111),
+                method: MarketMethod::SendMessage,
+                started_at: 9_000,
+                finished_at: 9_010,
+                latency_ms: 10,
+                http_status: Some(200),
+                api_errors: Vec::new(),
+                error: None,
+                counts_for_quota: true,
+                window_used_up_until: None,
+                verdict: Verdict::Delivered,
+            },
+            9_010,
+        )
         .await
         .unwrap();
     let counted: Vec<(i64, String, i64)> = Connection::open(&path)
