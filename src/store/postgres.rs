@@ -27,6 +27,13 @@
 //!   (LISTEN/NOTIFY, see `postgres/listen.rs`), so an instance wakes
 //!   promptly when another accepts work.
 //!
+//! Within one process, the inserts and records made at the same moment
+//! share one transaction, one commit and one notification per business
+//! (group commit, `postgres/batch.rs`; their steps are in
+//! `postgres/writes.rs`); a caller still hears back only after the commit
+//! that holds its write. Several locks in one transaction are always taken
+//! in the order of their keys (`writes::lock_for_events`).
+//!
 //! Connections come from a deadpool pool that lives on the store's own
 //! runtime thread, so they do not die with the actix worker that happened
 //! to open them; the listener's connection lives there too, outside the pool.
@@ -45,7 +52,9 @@ use super::*;
 use crate::clock::to_rfc3339;
 use crate::settings::StorageSettings;
 
+mod batch;
 mod listen;
+mod writes;
 
 use listen::announce;
 
@@ -55,6 +64,13 @@ const MIGRATE_LOCK: i32 = 0x6362_0001;
 const BUSINESS_LOCK: i32 = 0x6362_0002;
 const SUBJECT_LOCK: i32 = 0x6362_0003;
 
+/// How many batches of inserts and records (see `postgres/batch.rs`) may
+/// be written at once: a quarter of the pool, the rest left to claims and
+/// reads. Two or more let one batch's statements run while another commits.
+fn batches_at_once(pool_size: usize) -> usize {
+    (pool_size / 4).clamp(1, 4)
+}
+
 pub struct PostgresStore {
     pool: Pool,
     runtime: tokio::runtime::Handle,
@@ -62,6 +78,8 @@ pub struct PostgresStore {
     config: tokio_postgres::Config,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
     listening: std::sync::atomic::AtomicBool,
+    /// Gathers inserts and records into shared transactions (group commit).
+    batcher: batch::Batcher,
     /// Dropping it ends the runtime thread, closing every connection.
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -328,8 +346,10 @@ impl PostgresStore {
             .recv()
             .map_err(|_| StoreError::Closed)?
             .map_err(|e| StoreError::Database(format!("cannot start the store runtime: {e}")))?;
+        let batcher = batch::Batcher::start(&runtime, pool.clone(), batches_at_once(settings.pool_size));
         let store = Self {
             pool,
+            batcher,
             runtime,
             config,
             tls,
@@ -857,157 +877,7 @@ async fn method_room(
 #[async_trait]
 impl Store for PostgresStore {
     async fn insert_event(&self, event: NewEvent) -> StoreResult<Inserted> {
-        self.with(move |client| {
-            Box::pin(async move {
-                let tx = client.transaction().await.map_err(db_error)?;
-                let mut businesses: Vec<i64> = event
-                    .deliveries
-                    .iter()
-                    .filter_map(|d| match &d.rendered {
-                        Ok(m) => Some(m.business_id.0),
-                        Err(f) => f.business_id.map(|b| b.0),
-                    })
-                    .collect();
-                businesses.sort_unstable();
-                businesses.dedup();
-                for b in &businesses {
-                    lock_business(&tx, *b, false).await?;
-                }
-                if let Some(o) = &event.ordering {
-                    // Two notifications about one subject accepted at once
-                    // by two instances: the later-stored one must see the other.
-                    tx.execute(
-                        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                        &[&SUBJECT_LOCK, &format!("{}\n{}", event.source, o.subject)],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                }
-                let inserted = tx
-                    .query_opt(
-                        "INSERT INTO events (source, external_id, event_type, payload, received_at,
-                             business_id, subject, happened_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                         ON CONFLICT (source, external_id) DO NOTHING
-                         RETURNING id",
-                        &[
-                            &event.source,
-                            &event.external_id,
-                            &event.event_type,
-                            &event.payload,
-                            &event.received_at,
-                            &event.business_id.map(|b| b.0),
-                            &event.ordering.as_ref().map(|o| o.subject.as_str()),
-                            &event.ordering.as_ref().map(|o| o.happened_at),
-                        ],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                let Some(inserted) = inserted else {
-                    // Another instance may have inserted it a moment ago:
-                    // ON CONFLICT waited for its commit, so it is visible.
-                    drop(tx);
-                    return event_by_key(&*client, &event.source, &event.external_id)
-                        .await?
-                        .map(Inserted::Duplicate)
-                        .ok_or_else(|| StoreError::Database("duplicate event vanished".into()));
-                };
-                let event_id: i64 = inserted.get(0);
-                let superseded = match &event.ordering {
-                    Some(o) => later_news(&tx, &event.source, o, event_id).await?,
-                    None => None,
-                };
-                let stmt = tx
-                    .prepare(
-                        "INSERT INTO deliveries (event_id, route, template, business_id, chat_id, text, state,
-                             reason, created_at, queued_at, next_attempt_at, updated_at,
-                             context_type, context_id, conversation)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $9, $9, $10, $11, $12)
-                         RETURNING id",
-                    )
-                    .await
-                    .map_err(db_error)?;
-                let mut deliveries = Vec::with_capacity(event.deliveries.len());
-                // The businesses this event gives work to, to wake other instances.
-                let mut due = Vec::new();
-                for d in &event.deliveries {
-                    let (business, text, state, reason) = match (&d.rendered, &superseded) {
-                        (Ok(m), Some(why)) => (
-                            Some(m.business_id.0),
-                            Some(m.text.as_str()),
-                            DeliveryState::Cancelled,
-                            Some(why.as_str()),
-                        ),
-                        (Ok(m), None) => (
-                            Some(m.business_id.0),
-                            Some(m.text.as_str()),
-                            DeliveryState::Queued,
-                            None,
-                        ),
-                        (Err(f), _) => (
-                            f.business_id.map(|b| b.0),
-                            None,
-                            DeliveryState::Failed,
-                            Some(f.reason.as_str()),
-                        ),
-                    };
-                    let at = match &d.rendered {
-                        Ok(m) => Addressed::find(&tx, m.business_id, m.target).await?,
-                        Err(f) => match (f.business_id, f.target) {
-                            (Some(business), Some(target)) => {
-                                Addressed::find(&tx, business, target).await?
-                            }
-                            _ => Addressed::default(),
-                        },
-                    };
-                    let row = tx
-                        .query_one(
-                            &stmt,
-                            &[
-                                &event_id,
-                                &d.route,
-                                &d.template,
-                                &business,
-                                &at.chat,
-                                &text,
-                                &state.as_str(),
-                                &reason,
-                                &event.received_at,
-                                &at.context_type,
-                                &at.context_id,
-                                &at.conversation,
-                            ],
-                        )
-                        .await
-                        .map_err(db_error)?;
-                    deliveries.push(DeliverySummary {
-                        id: row.get(0),
-                        route: d.route.clone(),
-                        state,
-                    });
-                    if state == DeliveryState::Queued {
-                        due.push(business);
-                    }
-                }
-                due.sort_unstable();
-                due.dedup();
-                for business in due {
-                    announce(&tx, business).await?;
-                }
-                tx.commit().await.map_err(db_error)?;
-                Ok(Inserted::New(StoredEvent {
-                    id: event_id,
-                    source: event.source,
-                    external_id: event.external_id,
-                    event_type: event.event_type,
-                    payload: event.payload,
-                    received_at: event.received_at,
-                    deliveries,
-                    business_id: event.business_id,
-                }))
-            })
-        })
-        .await
+        self.batcher.insert(event).await
     }
 
     async fn queued_businesses(&self) -> StoreResult<Vec<(BusinessId, Millis)>> {
@@ -1208,143 +1078,11 @@ impl Store for PostgresStore {
     }
 
     async fn record(&self, attempt: Attempt, now: Millis) -> StoreResult<()> {
-        self.with(move |client| {
-            Box::pin(async move {
-                let tx = client.transaction().await.map_err(db_error)?;
-                if matches!(attempt.verdict, Verdict::ChatFound { .. }) {
-                    // Moves deliveries between conversations: not while a
-                    // claim of the business is choosing heads.
-                    lock_business(&tx, attempt.business_id.0, true).await?;
-                }
-                let errors =
-                    serde_json::to_string(&attempt.api_errors).unwrap_or_else(|_| "[]".into());
-                tx.execute(
-                    "INSERT INTO attempts (delivery_id, business_id, started_at, finished_at, latency_ms,
-                         http_status, outcome, api_errors, error, counts_quota, method)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                    &[
-                        &attempt.delivery_id,
-                        &attempt.business_id.0,
-                        &attempt.started_at,
-                        &attempt.finished_at,
-                        &attempt.latency_ms,
-                        &attempt.http_status.map(i32::from),
-                        &attempt.verdict.outcome_name(),
-                        &errors,
-                        &attempt.error,
-                        &attempt.counts_for_quota,
-                        &attempt.method.as_str(),
-                    ],
-                )
-                .await
-                .map_err(db_error)?;
-                if let Verdict::ChatFound { context, chat } = attempt.verdict {
-                    remember_chat(&tx, attempt.business_id, context, chat, now).await?;
-                }
-                // The slot the claim took: kept from the answer's time
-                // when the Market counted the call, else given back.
-                if attempt.counts_for_quota {
-                    let moved = tx
-                        .execute(
-                            "UPDATE quota_slots SET taken_at = $2 WHERE claim_token = $1",
-                            &[&attempt.claim_token, &attempt.finished_at],
-                        )
-                        .await
-                        .map_err(db_error)?;
-                    if moved == 0 {
-                        tx.execute(
-                            "INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
-                             VALUES (-nextval('claim_tokens'), $1, $2, $3, $4)",
-                            &[
-                                &attempt.delivery_id,
-                                &attempt.business_id.0,
-                                &attempt.method.as_str(),
-                                &attempt.finished_at,
-                            ],
-                        )
-                        .await
-                        .map_err(db_error)?;
-                    }
-                } else {
-                    tx.execute(
-                        "DELETE FROM quota_slots WHERE claim_token = $1",
-                        &[&attempt.claim_token],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                }
-                for (until, reason) in pauses_of(&attempt) {
-                    // The later pause wins, with its reason.
-                    tx.execute(
-                        "INSERT INTO method_pauses (business_id, method, until_at, reason)
-                         VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (business_id, method) DO UPDATE SET
-                             reason = CASE WHEN EXCLUDED.until_at > method_pauses.until_at
-                                 THEN EXCLUDED.reason ELSE method_pauses.reason END,
-                             until_at = GREATEST(method_pauses.until_at, EXCLUDED.until_at)",
-                        &[
-                            &attempt.business_id.0,
-                            &attempt.method.as_str(),
-                            &until,
-                            &reason.as_str(),
-                        ],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                }
-                let counted = i64::from(!matches!(
-                    attempt.verdict,
-                    Verdict::Throttled { .. } | Verdict::ChatFound { .. }
-                ));
-                let (state, reason, next, delivered_at) = match &attempt.verdict {
-                    Verdict::Delivered => (DeliveryState::Delivered, None, now, Some(now)),
-                    Verdict::Retry { at, reason } => {
-                        (DeliveryState::Queued, Some(reason.clone()), *at, None)
-                    }
-                    Verdict::Throttled { until } => (DeliveryState::Queued, None, *until, None),
-                    Verdict::Dead { reason } => {
-                        (DeliveryState::Dead, Some(reason.clone()), now, None)
-                    }
-                    Verdict::Held { reason } => {
-                        (DeliveryState::Held, Some(reason.clone()), now, None)
-                    }
-                    Verdict::ChatFound { .. } => (DeliveryState::Queued, None, now, None),
-                };
-                let changed = tx
-                    .execute(
-                        "UPDATE deliveries SET state = $2,
-                             reason = CASE WHEN $2 = 'delivered' THEN NULL ELSE COALESCE($3, reason) END,
-                             next_attempt_at = $4, delivered_at = $5, attempts = attempts + $6,
-                             lease_until = NULL, updated_at = $7
-                         WHERE id = $1 AND claim_token = $8",
-                        &[
-                            &attempt.delivery_id,
-                            &state.as_str(),
-                            &reason,
-                            &next,
-                            &delivered_at,
-                            &counted,
-                            &now,
-                            &attempt.claim_token,
-                        ],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                if changed == 0 {
-                    tracing::warn!(
-                        delivery = attempt.delivery_id,
-                        "an answer came after the delivery's lease was taken over; recorded as an attempt only"
-                    );
-                } else {
-                    // A request slot is free again, and the delivery is
-                    // back in the queue or the next of its conversation is
-                    // now first: work for any instance.
-                    announce(&tx, Some(attempt.business_id.0)).await?;
-                }
-                tx.commit().await.map_err(db_error)
-            })
-        })
-        .await
+        if !writes::record_needs_lock(&attempt) {
+            return self.batcher.record(attempt, now).await;
+        }
+        self.with(move |client| Box::pin(async move { writes::record_alone(client, &attempt, now).await }))
+            .await
     }
 
     async fn release(&self, ids: Vec<(i64, i64)>, now: Millis) -> StoreResult<()> {

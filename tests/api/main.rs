@@ -25,6 +25,8 @@ mod prometheus;
 mod serve_binary;
 // PostgreSQL only (see postgres.rs for what runs without it).
 #[cfg(postgres_tests)]
+mod postgres_batches;
+#[cfg(postgres_tests)]
 mod several_instances;
 #[cfg(postgres_tests)]
 mod several_processes;
