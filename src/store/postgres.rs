@@ -11,7 +11,9 @@
 //!   and its quota slots in the window (one indexed range, no counter row),
 //!   reads the methods' 420 pauses, then takes the due heads of their
 //!   conversations `FOR UPDATE SKIP LOCKED` in one statement, writes a
-//!   fresh claim token from a sequence and a quota slot per call;
+//!   fresh claim token from a sequence and a quota slot per call; a
+//!   dispatcher round claims for all its businesses in one transaction
+//!   (`postgres/claims.rs`);
 //! - inserts (and requeues) hold the same lock shared: ids come from a
 //!   sequence and commits can land out of id order, so a claim waits for
 //!   the inserts in progress of its business; otherwise it could take a
@@ -53,6 +55,7 @@ use crate::clock::to_rfc3339;
 use crate::settings::StorageSettings;
 
 mod batch;
+mod claims;
 mod listen;
 mod writes;
 
@@ -823,55 +826,15 @@ async fn claim_heads(
         if lookups { "" } else { "NOT" }
     );
     let rows = c
-        .query(&sql, &[&business.0, &now, &(limit as i64), &lease_until])
+        .query(
+            &writes::cached(c, &sql).await?,
+            &[&business.0, &now, &(limit as i64), &lease_until],
+        )
         .await
         .map_err(db_error)?;
     let mut claimed: Vec<Claimed> = rows.iter().map(claimed_row).collect();
     claimed.sort_by_key(|c| c.id);
     Ok(claimed)
-}
-
-/// How many calls of `method` the business may still start: its quota
-/// left in the window (slots taken by every process) and its 420 pause.
-///
-/// A slot counts from its time (the claim's, then the answer's) for one
-/// window; and, while its call is still in flight, for as long as its
-/// lease: the Market counts a call when the call arrives, which may be
-/// later than the claim, by up to the request timeout (shorter than the
-/// lease). A slot older than window + lease is over whatever became of it.
-async fn method_room(
-    c: &impl GenericClient,
-    business: BusinessId,
-    method: MarketMethod,
-    limit: u32,
-    window_ms: Millis,
-    lease_ms: Millis,
-    now: Millis,
-) -> StoreResult<usize> {
-    let row = c
-        .query_one(
-            "SELECT (SELECT COUNT(*) FROM quota_slots q
-                     WHERE q.business_id = $1 AND q.method = $2 AND q.taken_at > $4
-                       AND (q.taken_at > $3 OR EXISTS (
-                           SELECT 1 FROM deliveries d
-                           WHERE d.id = q.delivery_id AND d.claim_token = q.claim_token
-                             AND d.state = 'sending'))),
-                    (SELECT until_at FROM method_pauses WHERE business_id = $1 AND method = $2)",
-            &[
-                &business.0,
-                &method.as_str(),
-                &(now - window_ms),
-                &(now - window_ms - lease_ms.max(0)),
-            ],
-        )
-        .await
-        .map_err(db_error)?;
-    let used: i64 = row.get(0);
-    let paused: Option<i64> = row.get(1);
-    if paused.is_some_and(|until| until > now) {
-        return Ok(0);
-    }
-    Ok((limit as i64 - used).max(0) as usize)
 }
 
 #[async_trait]
@@ -918,135 +881,28 @@ impl Store for PostgresStore {
         held: bool,
     ) -> StoreResult<Vec<Claimed>> {
         self.with(move |client| {
-            Box::pin(async move {
-                let tx = client.transaction().await.map_err(db_error)?;
-                lock_business(&tx, business.0, true).await?;
-                let caps = limits.caps;
-                let sending: i64 = tx
-                    .query_one(
-                        "SELECT COUNT(*) FROM deliveries WHERE business_id = $1 AND state = 'sending'",
-                        &[&business.0],
-                    )
-                    .await
-                    .map_err(db_error)?
-                    .get(0);
-                let total = limits
-                    .total
-                    .min((caps.max_in_flight as i64 - sending).max(0) as usize);
-                let lookups = limits.chat_lookups.min(
-                    method_room(
-                        &tx,
-                        business,
-                        MarketMethod::CreateChat,
-                        caps.lookup_limit,
-                        caps.window_ms,
-                        lease_until - now,
-                        now,
-                    )
-                    .await?,
-                );
-                let sends = limits.sends.min(
-                    method_room(
-                        &tx,
-                        business,
-                        MarketMethod::SendMessage,
-                        caps.send_limit,
-                        caps.window_ms,
-                        lease_until - now,
-                        now,
-                    )
-                    .await?,
-                );
-                let claimed = if held {
-                    // A probe: one held delivery, whatever its method, if
-                    // the request slots and its method's quota allow.
-                    let rows = tx
-                        .query(
-                            &format!(
-                                "WITH due AS (
-                                    SELECT id FROM deliveries
-                                    WHERE state = 'held' AND business_id = $1
-                                    ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
-                                 UPDATE deliveries u SET state = 'sending', lease_until = $3,
-                                     updated_at = $4, claim_token = nextval('claim_tokens')
-                                 FROM due WHERE u.id = due.id
-                                 RETURNING {CLAIMED_COLUMNS}"
-                            ),
-                            &[&business.0, &(total as i64), &lease_until, &now],
-                        )
-                        .await
-                        .map_err(db_error)?;
-                    rows.iter().map(claimed_row).collect()
-                } else {
-                    // Another instance holds the business (its key is
-                    // refused): only its probe may call the Market.
-                    let held_rows: bool = tx
-                        .query_one(
-                            "SELECT EXISTS (SELECT 1 FROM deliveries WHERE business_id = $1 AND state = 'held')",
-                            &[&business.0],
-                        )
-                        .await
-                        .map_err(db_error)?
-                        .get(0);
-                    if held_rows {
-                        Vec::new()
-                    } else {
-                        let mut claimed =
-                            claim_heads(&tx, business, now, lease_until, lookups.min(total), true)
-                                .await?;
-                        let room = total - claimed.len();
-                        claimed.extend(
-                            claim_heads(&tx, business, now, lease_until, sends.min(room), false)
-                                .await?,
-                        );
-                        claimed
-                    }
-                };
-                // Each call takes its quota slot now: a crash before the
-                // answer is recorded cannot lose it.
-                for c in &claimed {
-                    let method = if c.chat_id.is_some() {
-                        MarketMethod::SendMessage
-                    } else {
-                        MarketMethod::CreateChat
-                    };
-                    tx.execute(
-                        "INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
-                         VALUES ($1, $2, $3, $4, $5)",
-                        &[&c.claim_token, &c.id, &business.0, &method.as_str(), &now],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                }
-                tx.commit().await.map_err(db_error)?;
-                Ok(claimed)
-            })
+            Box::pin(
+                async move { claims::claim(client, business, now, lease_until, limits, held).await },
+            )
+        })
+        .await
+    }
+
+    async fn claim_round(
+        &self,
+        wanted: Vec<(BusinessId, ClaimLimits)>,
+        now: Millis,
+        lease_until: Millis,
+    ) -> StoreResult<Vec<RoundClaim>> {
+        self.with(move |client| {
+            Box::pin(async move { claims::claim_round(client, &wanted, now, lease_until).await })
         })
         .await
     }
 
     async fn next_due(&self, business: BusinessId, now: Millis) -> StoreResult<Option<Millis>> {
-        // A pause another instance stored blocks this one's claims without
-        // its dispatcher knowing: it must wake when the pause ends.
-        self.with(move |c| {
-            Box::pin(async move {
-                Ok(c.query_one(
-                    &format!(
-                        "SELECT LEAST(
-                            (SELECT MIN(d.next_attempt_at) FROM deliveries d
-                             WHERE d.state = 'queued' AND d.business_id = $1 AND d.next_attempt_at > $2
-                               AND {HEAD}),
-                            (SELECT MIN(until_at) FROM method_pauses
-                             WHERE business_id = $1 AND until_at > $2))"
-                    ),
-                    &[&business.0, &now],
-                )
-                .await
-                .map_err(db_error)?
-                .get(0))
-            })
-        })
-        .await
+        self.with(move |c| Box::pin(async move { claims::next_due_in(&*c, business, now).await }))
+            .await
     }
 
     async fn method_pauses(

@@ -1,0 +1,249 @@
+//! Claims: what a business may start now (its `sending` rows against
+//! `max_in_flight`, each method's quota slots in the window and stored
+//! pause, whether it is held), read in one statement, then its due heads
+//! leased and their quota slots written, all under the business's
+//! exclusive lock (see the module docs of `postgres.rs`).
+//!
+//! A dispatcher round (`claim_round`) claims for all its businesses in one
+//! transaction: their locks taken in one statement in the fixed order of
+//! `writes::lock_for_events` (so two rounds, or a round and a batch of
+//! inserts, never wait for each other in a circle), the businesses'
+//! statements sent together (pipelined on the connection), one statement
+//! for every quota slot, the `next_due` look-ups, one commit.
+
+
+use deadpool_postgres::GenericClient;
+
+use super::writes::cached;
+use super::*;
+
+/// Takes the businesses' exclusive locks in the order of their lock keys.
+async fn lock_exclusive(c: &impl GenericClient, businesses: &[i64]) -> StoreResult<()> {
+    let sql = "SELECT pg_advisory_xact_lock($1, k) FROM (
+                   SELECT DISTINCT hashint8(b) AS k FROM unnest($2::int8[]) AS b ORDER BY k) AS keys";
+    c.execute(&cached(c, sql).await?, &[&BUSINESS_LOCK, &businesses])
+        .await
+        .map_err(db_error)?;
+    Ok(())
+}
+
+/// In one statement: the business's `sending` deliveries, whether it has
+/// held ones, and for `chats/new` ($2) and sends ($3) the quota slots that
+/// count and the pause. A slot counts from its time (the claim's, then the
+/// answer's) for one window; and, while its call is still in flight, for
+/// as long as its lease: the Market counts a call when the call arrives,
+/// which may be later than the claim, by up to the request timeout
+/// (shorter than the lease). A slot older than window + lease is over
+/// whatever became of it.
+const ROOM: &str = "SELECT
+    (SELECT COUNT(*) FROM deliveries WHERE business_id = $1 AND state = 'sending'),
+    EXISTS (SELECT 1 FROM deliveries WHERE business_id = $1 AND state = 'held'),
+    (SELECT COUNT(*) FROM quota_slots q
+     WHERE q.business_id = $1 AND q.method = $2 AND q.taken_at > $5
+       AND (q.taken_at > $4 OR EXISTS (
+           SELECT 1 FROM deliveries d
+           WHERE d.id = q.delivery_id AND d.claim_token = q.claim_token AND d.state = 'sending'))),
+    (SELECT until_at FROM method_pauses WHERE business_id = $1 AND method = $2),
+    (SELECT COUNT(*) FROM quota_slots q
+     WHERE q.business_id = $1 AND q.method = $3 AND q.taken_at > $5
+       AND (q.taken_at > $4 OR EXISTS (
+           SELECT 1 FROM deliveries d
+           WHERE d.id = q.delivery_id AND d.claim_token = q.claim_token AND d.state = 'sending'))),
+    (SELECT until_at FROM method_pauses WHERE business_id = $1 AND method = $3)";
+
+/// Leases what the business may start now (its lock held); the quota
+/// slots are left to [`take_slots`].
+async fn claim_in(
+    c: &impl GenericClient,
+    business: BusinessId,
+    now: Millis,
+    lease_until: Millis,
+    limits: ClaimLimits,
+    held: bool,
+) -> StoreResult<Vec<Claimed>> {
+    let caps = limits.caps;
+    let lease_ms = (lease_until - now).max(0);
+    let row = c
+        .query_one(
+            &cached(c, ROOM).await?,
+            &[
+                &business.0,
+                &MarketMethod::CreateChat.as_str(),
+                &MarketMethod::SendMessage.as_str(),
+                &(now - caps.window_ms),
+                &(now - caps.window_ms - lease_ms),
+            ],
+        )
+        .await
+        .map_err(db_error)?;
+    let sending: i64 = row.get(0);
+    let held_rows: bool = row.get(1);
+    let room = |used: i64, paused: Option<i64>, limit: u32| {
+        if paused.is_some_and(|until| until > now) {
+            0
+        } else {
+            (limit as i64 - used).max(0) as usize
+        }
+    };
+    let total = limits
+        .total
+        .min((caps.max_in_flight as i64 - sending).max(0) as usize);
+    let lookups = limits
+        .chat_lookups
+        .min(room(row.get(2), row.get(3), caps.lookup_limit));
+    let sends = limits
+        .sends
+        .min(room(row.get(4), row.get(5), caps.send_limit));
+    if held {
+        // A probe: one held delivery, whatever its method, if the request
+        // slots and its method's quota allow.
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "WITH due AS (
+                SELECT id FROM deliveries
+                WHERE state = 'held' AND business_id = $1
+                ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)
+             UPDATE deliveries u SET state = 'sending', lease_until = $3,
+                 updated_at = $4, claim_token = nextval('claim_tokens')
+             FROM due WHERE u.id = due.id
+             RETURNING {CLAIMED_COLUMNS}"
+        );
+        let rows = c
+            .query(
+                &cached(c, &sql).await?,
+                &[&business.0, &(total as i64), &lease_until, &now],
+            )
+            .await
+            .map_err(db_error)?;
+        return Ok(rows.iter().map(claimed_row).collect());
+    }
+    if held_rows {
+        // Another instance holds the business (its key is refused): only
+        // its probe may call the Market.
+        return Ok(Vec::new());
+    }
+    let mut claimed = claim_heads(c, business, now, lease_until, lookups.min(total), true).await?;
+    let left = total - claimed.len();
+    claimed.extend(claim_heads(c, business, now, lease_until, sends.min(left), false).await?);
+    Ok(claimed)
+}
+
+/// Each claimed call takes its quota slot now, in one statement: a crash
+/// before the answer is recorded cannot lose it.
+async fn take_slots<'a>(
+    c: &impl GenericClient,
+    claimed: impl Iterator<Item = &'a Claimed>,
+    now: Millis,
+) -> StoreResult<()> {
+    let (mut tokens, mut ids, mut businesses, mut methods) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for d in claimed {
+        tokens.push(d.claim_token);
+        ids.push(d.id);
+        businesses.push(d.business_id.0);
+        methods.push(
+            if d.chat_id.is_some() {
+                MarketMethod::SendMessage
+            } else {
+                MarketMethod::CreateChat
+            }
+            .as_str(),
+        );
+    }
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let sql = "INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
+               SELECT t, d, b, m, $5
+               FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[]) AS s(t, d, b, m)";
+    c.execute(
+        &cached(c, sql).await?,
+        &[&tokens, &ids, &businesses, &methods, &now],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// See `Store::next_due`.
+pub(super) async fn next_due_in(
+    c: &impl GenericClient,
+    business: BusinessId,
+    now: Millis,
+) -> StoreResult<Option<Millis>> {
+    // A pause another instance stored blocks this one's claims without
+    // its dispatcher knowing: it must wake when the pause ends.
+    let sql = format!(
+        "SELECT LEAST(
+            (SELECT MIN(d.next_attempt_at) FROM deliveries d
+             WHERE d.state = 'queued' AND d.business_id = $1 AND d.next_attempt_at > $2
+               AND {HEAD}),
+            (SELECT MIN(until_at) FROM method_pauses
+             WHERE business_id = $1 AND until_at > $2))"
+    );
+    Ok(c.query_one(&cached(c, &sql).await?, &[&business.0, &now])
+        .await
+        .map_err(db_error)?
+        .get(0))
+}
+
+/// See `Store::claim`.
+pub(super) async fn claim(
+    client: &mut Object,
+    business: BusinessId,
+    now: Millis,
+    lease_until: Millis,
+    limits: ClaimLimits,
+    held: bool,
+) -> StoreResult<Vec<Claimed>> {
+    let tx = client.transaction().await.map_err(db_error)?;
+    lock_exclusive(&tx, &[business.0]).await?;
+    let claimed = claim_in(&tx, business, now, lease_until, limits, held).await?;
+    take_slots(&tx, claimed.iter(), now).await?;
+    tx.commit().await.map_err(db_error)?;
+    Ok(claimed)
+}
+
+/// See `Store::claim_round`: one transaction for the round.
+pub(super) async fn claim_round(
+    client: &mut Object,
+    wanted: &[(BusinessId, ClaimLimits)],
+    now: Millis,
+    lease_until: Millis,
+) -> StoreResult<Vec<RoundClaim>> {
+    let tx = client.transaction().await.map_err(db_error)?;
+    let businesses: Vec<i64> = wanted.iter().map(|(b, _)| b.0).collect();
+    lock_exclusive(&tx, &businesses).await?;
+    let claims = futures_util::future::join_all(
+        wanted
+            .iter()
+            .map(|(business, limits)| claim_in(&tx, *business, now, lease_until, *limits, false)),
+    )
+    .await
+    .into_iter()
+    .collect::<StoreResult<Vec<_>>>()?;
+    take_slots(&tx, claims.iter().flatten(), now).await?;
+    let next = futures_util::future::join_all(wanted.iter().zip(&claims).map(
+        |((business, limits), claimed)| {
+            let tx = &tx;
+            async move {
+                match claimed.len() < limits.total {
+                    true => next_due_in(tx, *business, now).await,
+                    false => Ok(None),
+                }
+            }
+        },
+    ))
+    .await;
+    let mut round = Vec::with_capacity(wanted.len());
+    for (claimed, next_due) in claims.into_iter().zip(next) {
+        round.push(RoundClaim {
+            claimed,
+            next_due: next_due?,
+        });
+    }
+    tx.commit().await.map_err(db_error)?;
+    Ok(round)
+}
