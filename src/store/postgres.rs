@@ -66,6 +66,9 @@ const SCHEMA: &str = include_str!("postgres/schema.sql");
 const MIGRATE_LOCK: i32 = 0x6362_0001;
 const BUSINESS_LOCK: i32 = 0x6362_0002;
 const SUBJECT_LOCK: i32 = 0x6362_0003;
+/// Held by a dispatcher round while it claims for a business (tried, never
+/// waited for: see `postgres/claims.rs`).
+const CLAIM_LOCK: i32 = 0x6362_0004;
 
 /// How many batches of inserts and records (see `postgres/batch.rs`) may
 /// be written at once: a quarter of the pool, the rest left to claims and

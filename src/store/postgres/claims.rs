@@ -10,12 +10,22 @@
 //! inserts, never wait for each other in a circle), the businesses'
 //! statements sent together (pipelined on the connection), one statement
 //! for every quota slot, the `next_due` look-ups, one commit.
-
+//!
+//! Before that, a round skips the businesses another process is claiming
+//! for at that moment (each round holds a second, claim-only lock per
+//! business, tried without waiting): otherwise two instances' rounds, each
+//! over every business with work, would queue behind each other and hold
+//! up the inserts queued behind them. A skipped business is looked at
+//! again after [`BUSY_RETRY_MS`] (the other process's sends, as they end,
+//! wake this one too).
 
 use deadpool_postgres::GenericClient;
 
 use super::writes::cached;
 use super::*;
+
+/// When to look again at a business another process was claiming for.
+const BUSY_RETRY_MS: Millis = 20;
 
 /// Takes the businesses' exclusive locks in the order of their lock keys.
 async fn lock_exclusive(c: &impl GenericClient, businesses: &[i64]) -> StoreResult<()> {
@@ -215,17 +225,37 @@ pub(super) async fn claim_round(
 ) -> StoreResult<Vec<RoundClaim>> {
     let tx = client.transaction().await.map_err(db_error)?;
     let businesses: Vec<i64> = wanted.iter().map(|(b, _)| b.0).collect();
-    lock_exclusive(&tx, &businesses).await?;
+    // Trying never waits, so the order of these does not matter.
+    let free: std::collections::HashSet<i64> = tx
+        .query(
+            &cached(
+                &tx,
+                "SELECT b FROM unnest($2::int8[]) AS b WHERE pg_try_advisory_xact_lock($1, hashint8(b))",
+            )
+            .await?,
+            &[&CLAIM_LOCK, &businesses],
+        )
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mine: Vec<(BusinessId, ClaimLimits)> = wanted
+        .iter()
+        .filter(|(b, _)| free.contains(&b.0))
+        .copied()
+        .collect();
+    let locked: Vec<i64> = mine.iter().map(|(b, _)| b.0).collect();
+    lock_exclusive(&tx, &locked).await?;
     let claims = futures_util::future::join_all(
-        wanted
-            .iter()
+        mine.iter()
             .map(|(business, limits)| claim_in(&tx, *business, now, lease_until, *limits, false)),
     )
     .await
     .into_iter()
     .collect::<StoreResult<Vec<_>>>()?;
     take_slots(&tx, claims.iter().flatten(), now).await?;
-    let next = futures_util::future::join_all(wanted.iter().zip(&claims).map(
+    let next = futures_util::future::join_all(mine.iter().zip(&claims).map(
         |((business, limits), claimed)| {
             let tx = &tx;
             async move {
@@ -237,13 +267,24 @@ pub(super) async fn claim_round(
         },
     ))
     .await;
-    let mut round = Vec::with_capacity(wanted.len());
-    for (claimed, next_due) in claims.into_iter().zip(next) {
-        round.push(RoundClaim {
-            claimed,
-            next_due: next_due?,
-        });
+    let mut taken = std::collections::HashMap::with_capacity(mine.len());
+    for (((business, _), claimed), next_due) in mine.iter().zip(claims).zip(next) {
+        taken.insert(
+            business.0,
+            RoundClaim {
+                claimed,
+                next_due: next_due?,
+            },
+        );
     }
     tx.commit().await.map_err(db_error)?;
-    Ok(round)
+    Ok(wanted
+        .iter()
+        .map(|(business, _)| {
+            taken.remove(&business.0).unwrap_or(RoundClaim {
+                claimed: Vec::new(),
+                next_due: Some(now + BUSY_RETRY_MS),
+            })
+        })
+        .collect())
 }
