@@ -57,6 +57,7 @@ use crate::settings::StorageSettings;
 mod batch;
 mod claims;
 mod listen;
+mod pipelined;
 mod writes;
 
 use listen::announce;

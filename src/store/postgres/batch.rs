@@ -22,6 +22,11 @@
 //! - notifies once per business with work due, then commits; each caller
 //!   hears back only after that commit (durable 2xx).
 //!
+//! Most batches need not wait for any answer before the commit (every
+//! event's chats known and not ordered against other events, no
+//! `chats/new` record): those are sent whole, BEGIN to COMMIT, in one
+//! round trip (`pipelined.rs`); the others go step by step as above.
+//!
 //! A write that fails must not fail or lose its batch-mates: the batch is
 //! rolled back and each write runs again alone, in its own transaction,
 //! and answers for itself. A lost connection fails them all (each hears
@@ -35,6 +40,7 @@ use std::collections::HashSet;
 
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::pipelined::{event_in_one_statement, write_pipelined, Item, Written};
 use super::writes::{
     announce_all, event_businesses, event_subject, insert_alone, lock_for_events, record_alone,
     write_event, write_record,
@@ -182,10 +188,18 @@ async fn run_batch(pool: &Pool, batch: Vec<Write>) {
             write.alone(&mut client).await;
         }
     } else {
-        match write_together(&mut client, &together).await {
+        let in_one_trip = together.iter().all(|write| match write {
+            Write::Insert(event, _) => event_in_one_statement(event),
+            Write::Record(..) => true,
+        });
+        let outcome = match in_one_trip {
+            true => write_in_one_trip(&client, &together).await,
+            false => write_together(&mut client, &together).await,
+        };
+        match outcome {
             Ok(done) => {
                 for (write, done) in together.into_iter().zip(done) {
-                    write.answer(Ok(done));
+                    write.answer(done);
                 }
             }
             // Nothing of the batch was stored, or its commit is in doubt:
@@ -208,9 +222,75 @@ async fn run_batch(pool: &Pool, batch: Vec<Write>) {
     }
 }
 
-/// The batch in one transaction; `Err` (and the transaction rolled back)
-/// when any write failed.
-async fn write_together(client: &mut Object, writes: &[Write]) -> StoreResult<Vec<Done>> {
+/// The batch in one transaction sent at once (`pipelined.rs`); `Err` (and
+/// nothing stored) when any write failed. After the commit each write has
+/// its answer (an event stored before is read then, and only that event
+/// hears if the read fails).
+async fn write_in_one_trip(
+    client: &Object,
+    writes: &[Write],
+) -> StoreResult<Vec<StoreResult<Done>>> {
+    let items: Vec<Item<'_>> = writes
+        .iter()
+        .map(|write| match write {
+            Write::Insert(event, _) => Item::Event(event),
+            Write::Record(attempt, now, _) => Item::Record(attempt, *now),
+        })
+        .collect();
+    let written = write_pipelined(client, &items).await?;
+    let mut done = Vec::with_capacity(writes.len());
+    for (write, written) in writes.iter().zip(written) {
+        done.push(match (write, written) {
+            (Write::Insert(event, _), Written::Event(Some((id, ids)))) => {
+                Ok(Done::Inserted(Inserted::New(stored_event(event, id, ids))))
+            }
+            (Write::Insert(event, _), Written::Event(None)) => {
+                event_by_key(client, &event.source, &event.external_id)
+                    .await
+                    .and_then(|stored| {
+                        stored.ok_or_else(|| StoreError::Database("duplicate event vanished".into()))
+                    })
+                    .map(|stored| Done::Inserted(Inserted::Duplicate(stored)))
+            }
+            (Write::Record(..), Written::Record) => Ok(Done::Recorded),
+            _ => Err(StoreError::Database("a batch's answers came out of order".into())),
+        });
+    }
+    Ok(done)
+}
+
+/// The event as stored by one statement: its deliveries' ids in order.
+fn stored_event(event: &NewEvent, id: i64, ids: Vec<i64>) -> StoredEvent {
+    StoredEvent {
+        id,
+        source: event.source.clone(),
+        external_id: event.external_id.clone(),
+        event_type: event.event_type.clone(),
+        payload: event.payload.clone(),
+        received_at: event.received_at,
+        deliveries: event
+            .deliveries
+            .iter()
+            .zip(ids)
+            .map(|(d, id)| DeliverySummary {
+                id,
+                route: d.route.clone(),
+                state: match d.rendered {
+                    Ok(_) => DeliveryState::Queued,
+                    Err(_) => DeliveryState::Failed,
+                },
+            })
+            .collect(),
+        business_id: event.business_id,
+    }
+}
+
+/// The batch in one transaction, step by step; `Err` (and the transaction
+/// rolled back) when any write failed.
+async fn write_together(
+    client: &mut Object,
+    writes: &[Write],
+) -> StoreResult<Vec<StoreResult<Done>>> {
     let tx = client.transaction().await.map_err(db_error)?;
     let mut businesses = Vec::new();
     let mut subjects = Vec::new();
@@ -230,7 +310,7 @@ async fn write_together(client: &mut Object, writes: &[Write]) -> StoreResult<Ve
     let mut due = Vec::new();
     for result in results {
         let (d, businesses) = result?;
-        done.push(d);
+        done.push(Ok(d));
         due.extend(businesses);
     }
     announce_all(&tx, &mut due).await?;

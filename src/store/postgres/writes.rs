@@ -17,6 +17,35 @@ pub(super) async fn cached(c: &impl GenericClient, sql: &str) -> StoreResult<Sta
     c.prepare_cached(sql).await.map_err(db_error)
 }
 
+/// The businesses' shared locks, in the order of their keys (the ORDER BY
+/// in a subquery keeps the lock calls in its order).
+pub(super) const LOCK_SHARED_SQL: &str = "SELECT pg_advisory_xact_lock_shared($1, k) FROM (
+    SELECT DISTINCT hashint8(b) AS k FROM unnest($2::int8[]) AS b ORDER BY k) AS keys";
+/// One notification per payload.
+pub(super) const NOTIFY_SQL: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
+pub(super) const ATTEMPT_SQL: &str = "INSERT INTO attempts (delivery_id, business_id, started_at,
+    finished_at, latency_ms, http_status, outcome, api_errors, error, counts_quota, method)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+/// The claim's quota slot moved to the answer's time, or a new one if it is gone.
+pub(super) const SLOT_KEEP_SQL: &str = "WITH moved AS (
+        UPDATE quota_slots SET taken_at = $5 WHERE claim_token = $1 RETURNING 1)
+    INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
+    SELECT -nextval('claim_tokens'), $2, $3, $4, $5
+    WHERE NOT EXISTS (SELECT 1 FROM moved)";
+pub(super) const SLOT_GIVE_SQL: &str = "DELETE FROM quota_slots WHERE claim_token = $1";
+/// The later pause wins, with its reason.
+pub(super) const PAUSE_SQL: &str = "INSERT INTO method_pauses (business_id, method, until_at, reason)
+    VALUES ($1, $2, $3, $4)
+    ON CONFLICT (business_id, method) DO UPDATE SET
+        reason = CASE WHEN EXCLUDED.until_at > method_pauses.until_at
+            THEN EXCLUDED.reason ELSE method_pauses.reason END,
+        until_at = GREATEST(method_pauses.until_at, EXCLUDED.until_at)";
+pub(super) const UPDATE_SQL: &str = "UPDATE deliveries SET state = $2,
+        reason = CASE WHEN $2 = 'delivered' THEN NULL ELSE COALESCE($3, reason) END,
+        next_attempt_at = $4, delivered_at = $5, attempts = attempts + $6,
+        lease_until = NULL, updated_at = $7
+    WHERE id = $1 AND claim_token = $8";
+
 /// The businesses whose deliveries the event writes (held shared while it
 /// is written, see the module docs of `postgres.rs`).
 pub(super) fn event_businesses(event: &NewEvent) -> Vec<i64> {
@@ -53,11 +82,8 @@ pub(super) async fn lock_for_events(
     businesses: &[i64],
     subjects: &[String],
 ) -> StoreResult<()> {
-    // The ORDER BY in a subquery keeps the lock calls in its order.
     if !businesses.is_empty() {
-        let sql = "SELECT pg_advisory_xact_lock_shared($1, k) FROM (
-                       SELECT DISTINCT hashint8(b) AS k FROM unnest($2::int8[]) AS b ORDER BY k) AS keys";
-        c.execute(&cached(c, sql).await?, &[&BUSINESS_LOCK, &businesses])
+        c.execute(&cached(c, LOCK_SHARED_SQL).await?, &[&BUSINESS_LOCK, &businesses])
             .await
             .map_err(db_error)?;
     }
@@ -86,8 +112,7 @@ pub(super) async fn announce_all(
         .iter()
         .map(|b| b.map(|b| b.to_string()).unwrap_or_default())
         .collect();
-    let sql = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
-    c.execute(&cached(c, sql).await?, &[&listen::CHANNEL, &payloads])
+    c.execute(&cached(c, NOTIFY_SQL).await?, &[&listen::CHANNEL, &payloads])
         .await
         .map_err(db_error)?;
     Ok(())
@@ -250,13 +275,7 @@ pub(super) async fn write_record(
     now: Millis,
 ) -> StoreResult<Option<Option<i64>>> {
     let errors = serde_json::to_string(&attempt.api_errors).unwrap_or_else(|_| "[]".into());
-    let insert = cached(
-        c,
-        "INSERT INTO attempts (delivery_id, business_id, started_at, finished_at, latency_ms,
-             http_status, outcome, api_errors, error, counts_quota, method)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-    )
-    .await?;
+    let insert = cached(c, ATTEMPT_SQL).await?;
     c.execute(
         &insert,
         &[
@@ -281,15 +300,7 @@ pub(super) async fn write_record(
     // The slot the claim took: kept from the answer's time when the
     // Market counted the call (a new one if it is gone), else given back.
     if attempt.counts_for_quota {
-        let slot = cached(
-            c,
-            "WITH moved AS (
-                 UPDATE quota_slots SET taken_at = $5 WHERE claim_token = $1 RETURNING 1)
-             INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
-             SELECT -nextval('claim_tokens'), $2, $3, $4, $5
-             WHERE NOT EXISTS (SELECT 1 FROM moved)",
-        )
-        .await?;
+        let slot = cached(c, SLOT_KEEP_SQL).await?;
         c.execute(
             &slot,
             &[
@@ -303,23 +314,13 @@ pub(super) async fn write_record(
         .await
         .map_err(db_error)?;
     } else {
-        let give_back = cached(c, "DELETE FROM quota_slots WHERE claim_token = $1").await?;
+        let give_back = cached(c, SLOT_GIVE_SQL).await?;
         c.execute(&give_back, &[&attempt.claim_token])
             .await
             .map_err(db_error)?;
     }
     for (until, reason) in pauses_of(attempt) {
-        // The later pause wins, with its reason.
-        let pause = cached(
-            c,
-            "INSERT INTO method_pauses (business_id, method, until_at, reason)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (business_id, method) DO UPDATE SET
-                 reason = CASE WHEN EXCLUDED.until_at > method_pauses.until_at
-                     THEN EXCLUDED.reason ELSE method_pauses.reason END,
-                 until_at = GREATEST(method_pauses.until_at, EXCLUDED.until_at)",
-        )
-        .await?;
+        let pause = cached(c, PAUSE_SQL).await?;
         c.execute(
             &pause,
             &[
@@ -332,27 +333,8 @@ pub(super) async fn write_record(
         .await
         .map_err(db_error)?;
     }
-    let counted = i64::from(!matches!(
-        attempt.verdict,
-        Verdict::Throttled { .. } | Verdict::ChatFound { .. }
-    ));
-    let (state, reason, next, delivered_at) = match &attempt.verdict {
-        Verdict::Delivered => (DeliveryState::Delivered, None, now, Some(now)),
-        Verdict::Retry { at, reason } => (DeliveryState::Queued, Some(reason.clone()), *at, None),
-        Verdict::Throttled { until } => (DeliveryState::Queued, None, *until, None),
-        Verdict::Dead { reason } => (DeliveryState::Dead, Some(reason.clone()), now, None),
-        Verdict::Held { reason } => (DeliveryState::Held, Some(reason.clone()), now, None),
-        Verdict::ChatFound { .. } => (DeliveryState::Queued, None, now, None),
-    };
-    let update = cached(
-        c,
-        "UPDATE deliveries SET state = $2,
-             reason = CASE WHEN $2 = 'delivered' THEN NULL ELSE COALESCE($3, reason) END,
-             next_attempt_at = $4, delivered_at = $5, attempts = attempts + $6,
-             lease_until = NULL, updated_at = $7
-         WHERE id = $1 AND claim_token = $8",
-    )
-    .await?;
+    let (state, reason, next, delivered_at, counted) = outcome(attempt, now);
+    let update = cached(c, UPDATE_SQL).await?;
     let changed = c
         .execute(
             &update,
@@ -379,6 +361,27 @@ pub(super) async fn write_record(
     // A request slot is free again, and the delivery is back in the queue
     // or the next of its conversation is now first: work for any instance.
     Ok(Some(Some(attempt.business_id.0)))
+}
+
+/// The delivery's new state, reason, next attempt time, delivery time, and
+/// whether the attempt counts (a 420 and a found chat do not).
+pub(super) fn outcome(
+    attempt: &Attempt,
+    now: Millis,
+) -> (DeliveryState, Option<String>, Millis, Option<Millis>, i64) {
+    let counted = i64::from(!matches!(
+        attempt.verdict,
+        Verdict::Throttled { .. } | Verdict::ChatFound { .. }
+    ));
+    let (state, reason, next, delivered_at) = match &attempt.verdict {
+        Verdict::Delivered => (DeliveryState::Delivered, None, now, Some(now)),
+        Verdict::Retry { at, reason } => (DeliveryState::Queued, Some(reason.clone()), *at, None),
+        Verdict::Throttled { until } => (DeliveryState::Queued, None, *until, None),
+        Verdict::Dead { reason } => (DeliveryState::Dead, Some(reason.clone()), now, None),
+        Verdict::Held { reason } => (DeliveryState::Held, Some(reason.clone()), now, None),
+        Verdict::ChatFound { .. } => (DeliveryState::Queued, None, now, None),
+    };
+    (state, reason, next, delivered_at, counted)
 }
 
 /// The attempt in a transaction of its own.
