@@ -144,6 +144,7 @@ async fn claim_in(
 /// before the answer is recorded cannot lose it.
 async fn take_slots<'a>(
     c: &impl GenericClient,
+    stmt: &tokio_postgres::Statement,
     claimed: impl Iterator<Item = &'a Claimed>,
     now: Millis,
 ) -> StoreResult<()> {
@@ -165,16 +166,31 @@ async fn take_slots<'a>(
     if tokens.is_empty() {
         return Ok(());
     }
-    let sql = "INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
-               SELECT t, d, b, m, $5
-               FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[]) AS s(t, d, b, m)";
     c.execute(
-        &cached(c, sql).await?,
+        stmt,
         &[&tokens, &ids, &businesses, &methods, &now],
     )
     .await
     .map_err(db_error)?;
     Ok(())
+}
+
+const SLOTS: &str = "INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
+    SELECT t, d, b, m, $5
+    FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[]) AS s(t, d, b, m)";
+
+/// See `Store::next_due`. A pause another instance stored blocks this
+/// one's claims without its dispatcher knowing: it must wake when the
+/// pause ends.
+fn next_due_sql() -> String {
+    format!(
+        "SELECT LEAST(
+            (SELECT MIN(d.next_attempt_at) FROM deliveries d
+             WHERE d.state = 'queued' AND d.business_id = $1 AND d.next_attempt_at > $2
+               AND {HEAD}),
+            (SELECT MIN(until_at) FROM method_pauses
+             WHERE business_id = $1 AND until_at > $2))"
+    )
 }
 
 /// See `Store::next_due`.
@@ -183,17 +199,17 @@ pub(super) async fn next_due_in(
     business: BusinessId,
     now: Millis,
 ) -> StoreResult<Option<Millis>> {
-    // A pause another instance stored blocks this one's claims without
-    // its dispatcher knowing: it must wake when the pause ends.
-    let sql = format!(
-        "SELECT LEAST(
-            (SELECT MIN(d.next_attempt_at) FROM deliveries d
-             WHERE d.state = 'queued' AND d.business_id = $1 AND d.next_attempt_at > $2
-               AND {HEAD}),
-            (SELECT MIN(until_at) FROM method_pauses
-             WHERE business_id = $1 AND until_at > $2))"
-    );
-    Ok(c.query_one(&cached(c, &sql).await?, &[&business.0, &now])
+    let stmt = cached(c, &next_due_sql()).await?;
+    next_due_with(c, &stmt, business, now).await
+}
+
+async fn next_due_with(
+    c: &impl GenericClient,
+    stmt: &tokio_postgres::Statement,
+    business: BusinessId,
+    now: Millis,
+) -> StoreResult<Option<Millis>> {
+    Ok(c.query_one(stmt, &[&business.0, &now])
         .await
         .map_err(db_error)?
         .get(0))
@@ -211,31 +227,61 @@ pub(super) async fn claim(
     let tx = client.transaction().await.map_err(db_error)?;
     lock_exclusive(&tx, &[business.0]).await?;
     let claimed = claim_in(&tx, business, now, lease_until, limits, held).await?;
-    take_slots(&tx, claimed.iter(), now).await?;
+    take_slots(&tx, &cached(&tx, SLOTS).await?, claimed.iter(), now).await?;
     tx.commit().await.map_err(db_error)?;
     Ok(claimed)
 }
 
-/// See `Store::claim_round`: one transaction for the round.
+/// The round's businesses no other process is claiming for, their
+/// claim-only locks taken without waiting (in any order: trying never
+/// waits), then their business locks, waiting, in the order of their keys.
+const TAKE: &str = "SELECT b, pg_advisory_xact_lock($2, k) FROM (
+        SELECT b, hashint8(b) AS k FROM unnest($3::int8[]) AS b
+        WHERE pg_try_advisory_xact_lock($1, hashint8(b))
+        ORDER BY k OFFSET 0) AS free";
+
+/// See `Store::claim_round`: one transaction for the round, in five round
+/// trips: BEGIN with the locks; what each business may start; its heads
+/// to find chats for; its heads to send; the quota slots, the `next_due`
+/// look-ups and COMMIT. The statements of each step go together.
 pub(super) async fn claim_round(
     client: &mut Object,
     wanted: &[(BusinessId, ClaimLimits)],
     now: Millis,
     lease_until: Millis,
 ) -> StoreResult<Vec<RoundClaim>> {
-    let tx = client.transaction().await.map_err(db_error)?;
+    // Prepared before anything is sent: a statement prepared while a step
+    // is sent would reach the server after that step's COMMIT.
+    let take = cached(&*client, TAKE).await?;
+    let slots = cached(&*client, SLOTS).await?;
+    let next_due = cached(&*client, &next_due_sql()).await?;
+    let c: &Object = client;
+    let round = round_in(c, &take, &slots, &next_due, wanted, now, lease_until).await;
+    if round.is_err() && !c.is_closed() {
+        // Whatever failed, the transaction must not outlive the round.
+        let _ = c.batch_execute("ROLLBACK").await;
+    }
+    round
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn round_in(
+    c: &Object,
+    take: &tokio_postgres::Statement,
+    slots: &tokio_postgres::Statement,
+    next_due: &tokio_postgres::Statement,
+    wanted: &[(BusinessId, ClaimLimits)],
+    now: Millis,
+    lease_until: Millis,
+) -> StoreResult<Vec<RoundClaim>> {
     let businesses: Vec<i64> = wanted.iter().map(|(b, _)| b.0).collect();
-    // Trying never waits, so the order of these does not matter.
-    let free: std::collections::HashSet<i64> = tx
-        .query(
-            &cached(
-                &tx,
-                "SELECT b FROM unnest($2::int8[]) AS b WHERE pg_try_advisory_xact_lock($1, hashint8(b))",
-            )
-            .await?,
-            &[&CLAIM_LOCK, &businesses],
-        )
-        .await
+    let (begun, free) = futures_util::future::join(
+        c.batch_execute("BEGIN"),
+        c.query(take, &[&CLAIM_LOCK, &BUSINESS_LOCK, &businesses]),
+    )
+    .await;
+    begun.map_err(db_error)?;
+    let free: std::collections::HashSet<i64> = free
         .map_err(db_error)?
         .iter()
         .map(|r| r.get(0))
@@ -245,28 +291,29 @@ pub(super) async fn claim_round(
         .filter(|(b, _)| free.contains(&b.0))
         .copied()
         .collect();
-    let locked: Vec<i64> = mine.iter().map(|(b, _)| b.0).collect();
-    lock_exclusive(&tx, &locked).await?;
     let claims = futures_util::future::join_all(
         mine.iter()
-            .map(|(business, limits)| claim_in(&tx, *business, now, lease_until, *limits, false)),
+            .map(|(business, limits)| claim_in(c, *business, now, lease_until, *limits, false)),
     )
     .await
     .into_iter()
     .collect::<StoreResult<Vec<_>>>()?;
-    take_slots(&tx, claims.iter().flatten(), now).await?;
-    let next = futures_util::future::join_all(mine.iter().zip(&claims).map(
-        |((business, limits), claimed)| {
-            let tx = &tx;
-            async move {
+    // Sent in this order (each when first polled); if one fails, the
+    // COMMIT rolls back, and the round fails.
+    let (slotted, next, committed) = futures_util::future::join3(
+        take_slots(c, slots, claims.iter().flatten(), now),
+        futures_util::future::join_all(mine.iter().zip(&claims).map(
+            |((business, limits), claimed)| async move {
                 match claimed.len() < limits.total {
-                    true => next_due_in(tx, *business, now).await,
+                    true => next_due_with(c, next_due, *business, now).await,
                     false => Ok(None),
                 }
-            }
-        },
-    ))
+            },
+        )),
+        c.batch_execute("COMMIT"),
+    )
     .await;
+    slotted?;
     let mut taken = std::collections::HashMap::with_capacity(mine.len());
     for (((business, _), claimed), next_due) in mine.iter().zip(claims).zip(next) {
         taken.insert(
@@ -277,7 +324,7 @@ pub(super) async fn claim_round(
             },
         );
     }
-    tx.commit().await.map_err(db_error)?;
+    committed.map_err(db_error)?;
     Ok(wanted
         .iter()
         .map(|(business, _)| {
