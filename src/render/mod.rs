@@ -462,7 +462,9 @@ mod tests {
     #[test]
     fn a_missing_field_is_an_error_naming_it() {
         let (_d, r) = renderer_with("t", "Трек: {{tracking.number}}");
-        let err = r.render_text("t", &Context::from(json!({"tracking": {}}))).unwrap_err();
+        let err = r
+            .render_text("t", &Context::from(json!({"tracking": {}})))
+            .unwrap_err();
         assert!(err.contains("tracking.number"), "{err}");
     }
 
@@ -472,7 +474,10 @@ mod tests {
         let err = r.render_text("t", &Context::from(json!({}))).unwrap_err();
         assert!(err.contains("refund.amount"), "{err}");
         let (_d, r) = renderer_with("t", "{{default note \"нет\"}}");
-        assert_eq!(r.render_text("t", &Context::from(json!({}))).unwrap(), "нет");
+        assert_eq!(
+            r.render_text("t", &Context::from(json!({}))).unwrap(),
+            "нет"
+        );
     }
 
     #[test]

@@ -197,6 +197,31 @@ pub enum Verdict {
     },
 }
 
+impl Attempt {
+    /// The delivery's new state, reason, next attempt time, delivery time, and
+    /// whether the attempt counts (a 420 and a found chat do not).
+    pub(crate) fn outcome(
+        &self,
+        now: Millis,
+    ) -> (DeliveryState, Option<String>, Millis, Option<Millis>, i64) {
+        let counted = i64::from(!matches!(
+            self.verdict,
+            Verdict::Throttled { .. } | Verdict::ChatFound { .. }
+        ));
+        let (state, reason, next, delivered_at) = match &self.verdict {
+            Verdict::Delivered => (DeliveryState::Delivered, None, now, Some(now)),
+            Verdict::Retry { at, reason } => {
+                (DeliveryState::Queued, Some(reason.clone()), *at, None)
+            }
+            Verdict::Throttled { until } => (DeliveryState::Queued, None, *until, None),
+            Verdict::Dead { reason } => (DeliveryState::Dead, Some(reason.clone()), now, None),
+            Verdict::Held { reason } => (DeliveryState::Held, Some(reason.clone()), now, None),
+            Verdict::ChatFound { .. } => (DeliveryState::Queued, None, now, None),
+        };
+        (state, reason, next, delivered_at, counted)
+    }
+}
+
 impl Verdict {
     /// The attempt's `outcome` column.
     pub fn outcome_name(&self) -> &'static str {

@@ -353,7 +353,8 @@ impl PostgresStore {
             .recv()
             .map_err(|_| StoreError::Closed)?
             .map_err(|e| StoreError::Database(format!("cannot start the store runtime: {e}")))?;
-        let batcher = batch::Batcher::start(&runtime, pool.clone(), batches_at_once(settings.pool_size));
+        let batcher =
+            batch::Batcher::start(&runtime, pool.clone(), batches_at_once(settings.pool_size));
         let store = Self {
             pool,
             batcher,
@@ -885,9 +886,9 @@ impl Store for PostgresStore {
         held: bool,
     ) -> StoreResult<Vec<Claimed>> {
         self.with(move |client| {
-            Box::pin(
-                async move { claims::claim(client, business, now, lease_until, limits, held).await },
-            )
+            Box::pin(async move {
+                claims::claim(client, business, now, lease_until, limits, held).await
+            })
         })
         .await
     }
@@ -941,8 +942,10 @@ impl Store for PostgresStore {
         if !writes::record_needs_lock(&attempt) {
             return self.batcher.record(attempt, now).await;
         }
-        self.with(move |client| Box::pin(async move { writes::record_alone(client, &attempt, now).await }))
-            .await
+        self.with(move |client| {
+            Box::pin(async move { writes::record_alone(client, &attempt, now).await })
+        })
+        .await
     }
 
     async fn release(&self, ids: Vec<(i64, i64)>, now: Millis) -> StoreResult<()> {

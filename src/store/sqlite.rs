@@ -362,10 +362,7 @@ fn write_counts(conn: &Connection) -> StoreResult<()> {
 }
 
 /// A delivery's business and state before a write changes it.
-fn before_change(
-    conn: &Connection,
-    id: i64,
-) -> StoreResult<Option<(Option<i64>, DeliveryState)>> {
+fn before_change(conn: &Connection, id: i64) -> StoreResult<Option<(Option<i64>, DeliveryState)>> {
     conn.prepare_cached("SELECT business_id, state FROM deliveries WHERE id = ?1")
         .and_then(|mut s| {
             s.query_row([id], |r| Ok((r.get(0)?, state_of(r.get(1)?))))
@@ -496,7 +493,9 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
             .spawn(move || checkpointer(checkpoints, nudged))
-            .map_err(|e| StoreError::Database(format!("cannot start the checkpoint thread: {e}")))?;
+            .map_err(|e| {
+                StoreError::Database(format!("cannot start the checkpoint thread: {e}"))
+            })?;
         let (tx, rx) = mpsc::channel::<Box<dyn WriteJob>>();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -1154,18 +1153,7 @@ impl Store for SqliteStore {
                 })
                 .map_err(db_error)?;
             }
-            let counted = i64::from(!matches!(
-                attempt.verdict,
-                Verdict::Throttled { .. } | Verdict::ChatFound { .. }
-            ));
-            let (state, reason, next, delivered_at) = match &attempt.verdict {
-                Verdict::Delivered => (DeliveryState::Delivered, None, now, Some(now)),
-                Verdict::Retry { at, reason } => (DeliveryState::Queued, Some(reason.clone()), *at, None),
-                Verdict::Throttled { until } => (DeliveryState::Queued, None, *until, None),
-                Verdict::Dead { reason } => (DeliveryState::Dead, Some(reason.clone()), now, None),
-                Verdict::Held { reason } => (DeliveryState::Held, Some(reason.clone()), now, None),
-                Verdict::ChatFound { .. } => (DeliveryState::Queued, None, now, None),
-            };
+            let (state, reason, next, delivered_at, counted) = attempt.outcome(now);
             let before = before_change(conn, attempt.delivery_id)?;
             let changed = conn.prepare_cached(
                 "UPDATE deliveries SET state = ?2,

@@ -5,8 +5,8 @@
 use chatbridge::domain::{BusinessId, ChatId, DeliveryState, MarketMethod, Target};
 use chatbridge::settings::StorageSettings;
 use chatbridge::store::{
-    Attempt, ClaimLimits, DeliveryFilter, Inserted, NewDelivery, NewEvent,
-    RenderedMessage, SharedCaps, Store, Verdict,
+    Attempt, ClaimLimits, DeliveryFilter, Inserted, NewDelivery, NewEvent, RenderedMessage,
+    SharedCaps, Store, Verdict,
 };
 
 use crate::helpers::*;
@@ -86,7 +86,10 @@ async fn one_bad_event_among_webhooks_written_together_fails_alone_and_the_other
         .map(|i| format!("message {i}"))
         .collect();
     expected.sort();
-    assert_eq!(texts, expected, "each good event once, the bad one not at all");
+    assert_eq!(
+        texts, expected,
+        "each good event once, the bad one not at all"
+    );
     for i in (0..16).filter(|i| *i != bad) {
         let again = store
             .insert_event(message(&format!("e-{i}"), 7000 + i, "again"))

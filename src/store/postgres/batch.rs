@@ -69,7 +69,9 @@ impl Write {
             Write::Insert(_, reply) => {
                 let _ = reply.send(done.and_then(|d| match d {
                     Done::Inserted(i) => Ok(i),
-                    Done::Recorded => Err(StoreError::Database("a record answered an insert".into())),
+                    Done::Recorded => {
+                        Err(StoreError::Database("a record answered an insert".into()))
+                    }
                 }));
             }
             Write::Record(_, _, reply) => {
@@ -248,12 +250,15 @@ async fn write_in_one_trip(
                 event_by_key(client, &event.source, &event.external_id)
                     .await
                     .and_then(|stored| {
-                        stored.ok_or_else(|| StoreError::Database("duplicate event vanished".into()))
+                        stored
+                            .ok_or_else(|| StoreError::Database("duplicate event vanished".into()))
                     })
                     .map(|stored| Done::Inserted(Inserted::Duplicate(stored)))
             }
             (Write::Record(..), Written::Record) => Ok(Done::Recorded),
-            _ => Err(StoreError::Database("a batch's answers came out of order".into())),
+            _ => Err(StoreError::Database(
+                "a batch's answers came out of order".into(),
+            )),
         });
     }
     Ok(done)

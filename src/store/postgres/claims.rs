@@ -166,16 +166,14 @@ async fn take_slots<'a>(
     if tokens.is_empty() {
         return Ok(());
     }
-    c.execute(
-        stmt,
-        &[&tokens, &ids, &businesses, &methods, &now],
-    )
-    .await
-    .map_err(db_error)?;
+    c.execute(stmt, &[&tokens, &ids, &businesses, &methods, &now])
+        .await
+        .map_err(db_error)?;
     Ok(())
 }
 
-const SLOTS: &str = "INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
+const SLOTS: &str =
+    "INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
     SELECT t, d, b, m, $5
     FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[]) AS s(t, d, b, m)";
 
@@ -281,11 +279,8 @@ async fn round_in(
     )
     .await;
     begun.map_err(db_error)?;
-    let free: std::collections::HashSet<i64> = free
-        .map_err(db_error)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let free: std::collections::HashSet<i64> =
+        free.map_err(db_error)?.iter().map(|r| r.get(0)).collect();
     let mine: Vec<(BusinessId, ClaimLimits)> = wanted
         .iter()
         .filter(|(b, _)| free.contains(&b.0))

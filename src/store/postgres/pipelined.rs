@@ -23,7 +23,9 @@ use std::task::Poll;
 use futures_util::future::{maybe_done, MaybeDone};
 use tokio_postgres::Statement;
 
-use super::writes::{cached, event_businesses, ATTEMPT_SQL, PAUSE_SQL, SLOT_GIVE_SQL, SLOT_KEEP_SQL, UPDATE_SQL};
+use super::writes::{
+    cached, event_businesses, ATTEMPT_SQL, PAUSE_SQL, SLOT_GIVE_SQL, SLOT_KEEP_SQL, UPDATE_SQL,
+};
 use super::*;
 
 /// One event and its deliveries in one statement: the event's id (none if
@@ -67,7 +69,9 @@ pub(super) enum Written {
 type Step<'a, T> = Pin<Box<MaybeDone<Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'a>>>>>;
 
 fn step<'a, T>(f: impl Future<Output = StoreResult<T>> + Send + 'a) -> Step<'a, T> {
-    Box::pin(maybe_done(Box::pin(f) as Pin<Box<dyn Future<Output = _> + Send + 'a>>))
+    Box::pin(maybe_done(
+        Box::pin(f) as Pin<Box<dyn Future<Output = _> + Send + 'a>>
+    ))
 }
 
 /// A write's statements, each sent on its first poll.
@@ -85,8 +89,11 @@ fn event_step<'a>(
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut states, mut reasons, mut conversations) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut states, mut reasons, mut conversations) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for d in &event.deliveries {
             routes.push(d.route.as_str());
             templates.push(d.template.as_str());
@@ -201,7 +208,7 @@ fn record_step<'a>(
                 ]
             })
             .collect();
-        let (state, reason, next, delivered_at, counted) = super::writes::outcome(attempt, now);
+        let (state, reason, next, delivered_at, counted) = attempt.outcome(now);
         let state = state.as_str();
         let update_params: [&(dyn ToSql + Sync); 8] = [
             &attempt.delivery_id,
@@ -307,7 +314,11 @@ pub(super) async fn write_pipelined(
         .collect();
     let client: &tokio_postgres::Client = client;
     let mut steps: Vec<Step<'_, Option<Written>>> = vec![step(async {
-        client.batch_execute("BEGIN").await.map(|_| None).map_err(db_error)
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map(|_| None)
+            .map_err(db_error)
     })];
     if !businesses.is_empty() {
         steps.push(step(async {
@@ -334,7 +345,11 @@ pub(super) async fn write_pipelined(
         });
     }
     steps.push(step(async {
-        client.batch_execute("COMMIT").await.map(|_| None).map_err(db_error)
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map(|_| None)
+            .map_err(db_error)
     }));
     run_in_order(&mut steps).await;
     // Statements run in order: the first error is the cause, the later

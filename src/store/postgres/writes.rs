@@ -34,7 +34,8 @@ pub(super) const SLOT_KEEP_SQL: &str = "WITH moved AS (
     WHERE NOT EXISTS (SELECT 1 FROM moved)";
 pub(super) const SLOT_GIVE_SQL: &str = "DELETE FROM quota_slots WHERE claim_token = $1";
 /// The later pause wins, with its reason.
-pub(super) const PAUSE_SQL: &str = "INSERT INTO method_pauses (business_id, method, until_at, reason)
+pub(super) const PAUSE_SQL: &str =
+    "INSERT INTO method_pauses (business_id, method, until_at, reason)
     VALUES ($1, $2, $3, $4)
     ON CONFLICT (business_id, method) DO UPDATE SET
         reason = CASE WHEN EXCLUDED.until_at > method_pauses.until_at
@@ -83,9 +84,12 @@ pub(super) async fn lock_for_events(
     subjects: &[String],
 ) -> StoreResult<()> {
     if !businesses.is_empty() {
-        c.execute(&cached(c, LOCK_SHARED_SQL).await?, &[&BUSINESS_LOCK, &businesses])
-            .await
-            .map_err(db_error)?;
+        c.execute(
+            &cached(c, LOCK_SHARED_SQL).await?,
+            &[&BUSINESS_LOCK, &businesses],
+        )
+        .await
+        .map_err(db_error)?;
     }
     if !subjects.is_empty() {
         let sql = "SELECT pg_advisory_xact_lock($1, k) FROM (
@@ -112,9 +116,12 @@ pub(super) async fn announce_all(
         .iter()
         .map(|b| b.map(|b| b.to_string()).unwrap_or_default())
         .collect();
-    c.execute(&cached(c, NOTIFY_SQL).await?, &[&listen::CHANNEL, &payloads])
-        .await
-        .map_err(db_error)?;
+    c.execute(
+        &cached(c, NOTIFY_SQL).await?,
+        &[&listen::CHANNEL, &payloads],
+    )
+    .await
+    .map_err(db_error)?;
     Ok(())
 }
 
@@ -333,7 +340,7 @@ pub(super) async fn write_record(
         .await
         .map_err(db_error)?;
     }
-    let (state, reason, next, delivered_at, counted) = outcome(attempt, now);
+    let (state, reason, next, delivered_at, counted) = attempt.outcome(now);
     let update = cached(c, UPDATE_SQL).await?;
     let changed = c
         .execute(
@@ -361,27 +368,6 @@ pub(super) async fn write_record(
     // A request slot is free again, and the delivery is back in the queue
     // or the next of its conversation is now first: work for any instance.
     Ok(Some(Some(attempt.business_id.0)))
-}
-
-/// The delivery's new state, reason, next attempt time, delivery time, and
-/// whether the attempt counts (a 420 and a found chat do not).
-pub(super) fn outcome(
-    attempt: &Attempt,
-    now: Millis,
-) -> (DeliveryState, Option<String>, Millis, Option<Millis>, i64) {
-    let counted = i64::from(!matches!(
-        attempt.verdict,
-        Verdict::Throttled { .. } | Verdict::ChatFound { .. }
-    ));
-    let (state, reason, next, delivered_at) = match &attempt.verdict {
-        Verdict::Delivered => (DeliveryState::Delivered, None, now, Some(now)),
-        Verdict::Retry { at, reason } => (DeliveryState::Queued, Some(reason.clone()), *at, None),
-        Verdict::Throttled { until } => (DeliveryState::Queued, None, *until, None),
-        Verdict::Dead { reason } => (DeliveryState::Dead, Some(reason.clone()), now, None),
-        Verdict::Held { reason } => (DeliveryState::Held, Some(reason.clone()), now, None),
-        Verdict::ChatFound { .. } => (DeliveryState::Queued, None, now, None),
-    };
-    (state, reason, next, delivered_at, counted)
 }
 
 /// The attempt in a transaction of its own.

@@ -180,7 +180,10 @@ async fn an_upgrade_counts_the_deliveries_already_there_and_the_counts_then_foll
         )
         .await
         .unwrap();
-    let sent = claimed.into_iter().next().expect("a queued delivery of 111");
+    let sent = claimed
+        .into_iter()
+        .next()
+        .expect("a queued delivery of 111");
     store
         .record(
             Attempt {
