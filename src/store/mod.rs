@@ -197,6 +197,22 @@ pub enum Verdict {
     },
 }
 
+impl NewEvent {
+    /// The event as stored under `id`, with its deliveries' summaries.
+    pub(crate) fn stored(&self, id: i64, deliveries: Vec<DeliverySummary>) -> StoredEvent {
+        StoredEvent {
+            id,
+            source: self.source.clone(),
+            external_id: self.external_id.clone(),
+            event_type: self.event_type.clone(),
+            payload: self.payload.clone(),
+            received_at: self.received_at,
+            deliveries,
+            business_id: self.business_id,
+        }
+    }
+}
+
 impl Attempt {
     /// The delivery's new state, reason, next attempt time, delivery time, and
     /// whether the attempt counts (a 420 and a found chat do not).

@@ -991,16 +991,7 @@ impl Store for SqliteStore {
                     state,
                 });
             }
-            Ok(Inserted::New(StoredEvent {
-                id: event_id,
-                source: event.source.clone(),
-                external_id: event.external_id.clone(),
-                event_type: event.event_type.clone(),
-                payload: event.payload.clone(),
-                received_at: event.received_at,
-                deliveries,
-                business_id: event.business_id,
-            }))
+            Ok(Inserted::New(event.stored(event_id, deliveries)))
         })
         .await
     }

@@ -266,28 +266,20 @@ async fn write_in_one_trip(
 
 /// The event as stored by one statement: its deliveries' ids in order.
 fn stored_event(event: &NewEvent, id: i64, ids: Vec<i64>) -> StoredEvent {
-    StoredEvent {
-        id,
-        source: event.source.clone(),
-        external_id: event.external_id.clone(),
-        event_type: event.event_type.clone(),
-        payload: event.payload.clone(),
-        received_at: event.received_at,
-        deliveries: event
-            .deliveries
-            .iter()
-            .zip(ids)
-            .map(|(d, id)| DeliverySummary {
-                id,
-                route: d.route.clone(),
-                state: match d.rendered {
-                    Ok(_) => DeliveryState::Queued,
-                    Err(_) => DeliveryState::Failed,
-                },
-            })
-            .collect(),
-        business_id: event.business_id,
-    }
+    let deliveries = event
+        .deliveries
+        .iter()
+        .zip(ids)
+        .map(|(d, id)| DeliverySummary {
+            id,
+            route: d.route.clone(),
+            state: match d.rendered {
+                Ok(_) => DeliveryState::Queued,
+                Err(_) => DeliveryState::Failed,
+            },
+        })
+        .collect();
+    event.stored(id, deliveries)
 }
 
 /// The batch in one transaction, step by step; `Err` (and the transaction

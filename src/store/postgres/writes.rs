@@ -239,19 +239,7 @@ pub(super) async fn write_event(
             due.push(business);
         }
     }
-    Ok((
-        Inserted::New(StoredEvent {
-            id: event_id,
-            source: event.source.clone(),
-            external_id: event.external_id.clone(),
-            event_type: event.event_type.clone(),
-            payload: event.payload.clone(),
-            received_at: event.received_at,
-            deliveries,
-            business_id: event.business_id,
-        }),
-        due,
-    ))
+    Ok((Inserted::New(event.stored(event_id, deliveries)), due))
 }
 
 /// The event in a transaction of its own.
