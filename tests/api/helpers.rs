@@ -792,3 +792,29 @@ impl RawDb {
         }
     }
 }
+
+/// An event of source `oms` with one delivery of `business` to `chat`,
+/// saying `text`: what the store-level tests on PostgreSQL insert.
+#[cfg(postgres_tests)]
+pub fn chat_event(id: &str, business: i64, chat: i64, text: &str) -> chatbridge::store::NewEvent {
+    use chatbridge::domain::{BusinessId, ChatId, Target};
+    use chatbridge::store::{NewDelivery, NewEvent, RenderedMessage};
+    NewEvent {
+        source: "oms".into(),
+        external_id: id.into(),
+        event_type: "test".into(),
+        payload: "{}".into(),
+        received_at: 1_000,
+        deliveries: vec![NewDelivery {
+            route: "test".into(),
+            template: "test".into(),
+            rendered: Ok(RenderedMessage {
+                business_id: BusinessId(business),
+                target: Target::Chat(ChatId(chat)),
+                text: text.into(),
+            }),
+        }],
+        business_id: None,
+        ordering: None,
+    }
+}

@@ -328,12 +328,14 @@ async fn check_recovered(
 /// A PostgreSQL server of the test's own, run as the `postgres` user
 /// (initdb and the server refuse root) in a temp dir that user owns;
 /// stopped (immediately) and its files removed on drop, even on failure.
+#[cfg_attr(not(postgres_tests), allow(dead_code))] // used by the PostgreSQL outage tests
 struct PrivatePostgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     port: u16,
 }
 
+#[cfg_attr(not(postgres_tests), allow(dead_code))] // used by the PostgreSQL outage tests
 impl PrivatePostgres {
     fn start() -> Self {
         let out = Command::new("pg_config")
@@ -439,6 +441,7 @@ impl Drop for PrivatePostgres {
     }
 }
 
+#[cfg_attr(not(postgres_tests), allow(dead_code))] // used by the PostgreSQL outage tests
 fn as_root() -> bool {
     Command::new("id")
         .arg("-u")
@@ -446,6 +449,7 @@ fn as_root() -> bool {
         .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
+#[cfg_attr(not(postgres_tests), allow(dead_code))] // used by the PostgreSQL outage tests
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -541,6 +545,7 @@ async fn postgres_going_away_under_load_refuses_webhooks_loses_nothing_and_resum
 }
 
 /// A sample event of another source (`examples/events/<source>/`).
+#[cfg_attr(not(postgres_tests), allow(dead_code))] // used by the PostgreSQL outage tests
 fn sample_of(source: &str, name: &str) -> Value {
     let text =
         std::fs::read_to_string(repo().join(format!("examples/events/{source}/{name}.json")))

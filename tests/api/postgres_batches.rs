@@ -2,11 +2,10 @@
 //! Market answers written at the same moment share one transaction, and
 //! one that fails there must not fail or lose the others.
 
-use chatbridge::domain::{BusinessId, ChatId, DeliveryState, MarketMethod, Target};
+use chatbridge::domain::{BusinessId, DeliveryState, MarketMethod};
 use chatbridge::settings::StorageSettings;
 use chatbridge::store::{
-    Attempt, ClaimLimits, DeliveryFilter, Inserted, NewDelivery, NewEvent, RenderedMessage,
-    SharedCaps, Store, Verdict,
+    Attempt, ClaimLimits, DeliveryFilter, Inserted, NewEvent, SharedCaps, Store, Verdict,
 };
 
 use crate::helpers::*;
@@ -23,24 +22,7 @@ fn open(url: &str) -> std::sync::Arc<dyn Store> {
 
 /// An event with one delivery of business 444 to `chat`, saying `text`.
 fn message(id: &str, chat: i64, text: &str) -> NewEvent {
-    NewEvent {
-        source: "oms".into(),
-        external_id: id.into(),
-        event_type: "test".into(),
-        payload: "{}".into(),
-        received_at: 1_000,
-        deliveries: vec![NewDelivery {
-            route: "test".into(),
-            template: "test".into(),
-            rendered: Ok(RenderedMessage {
-                business_id: BusinessId(444),
-                target: Target::Chat(ChatId(chat)),
-                text: text.into(),
-            }),
-        }],
-        business_id: None,
-        ordering: None,
-    }
+    chat_event(id, 444, chat, text)
 }
 
 #[actix_rt::test]

@@ -8,12 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatbridge::clock::SystemClock;
-use chatbridge::domain::{BusinessId, ChatId, MarketMethod, Target};
+use chatbridge::domain::{BusinessId, MarketMethod};
 use chatbridge::market::fake::{FakeConfig, FakeMarket};
 use chatbridge::settings::{Settings, StorageSettings};
-use chatbridge::store::{
-    Attempt, ClaimLimits, Claimed, NewDelivery, NewEvent, RenderedMessage, SharedCaps, Verdict,
-};
+use chatbridge::store::{Attempt, ClaimLimits, Claimed, NewEvent, SharedCaps, Verdict};
 use serde_json::json;
 
 use crate::helpers::*;
@@ -183,24 +181,7 @@ fn storage(url: &str) -> StorageSettings {
 
 /// An event with one delivery to `chat` of business 333.
 fn one_message(id: &str, chat: i64) -> NewEvent {
-    NewEvent {
-        source: "oms".into(),
-        external_id: id.into(),
-        event_type: "test".into(),
-        payload: "{}".into(),
-        received_at: 1_000,
-        deliveries: vec![NewDelivery {
-            route: "test".into(),
-            template: "test".into(),
-            rendered: Ok(RenderedMessage {
-                business_id: BusinessId(333),
-                target: Target::Chat(ChatId(chat)),
-                text: format!("message of {id}"),
-            }),
-        }],
-        business_id: None,
-        ordering: None,
-    }
+    chat_event(id, 333, chat, &format!("message of {id}"))
 }
 
 fn limits() -> ClaimLimits {
