@@ -265,6 +265,12 @@ impl DeliveryState {
         Self::ALL.into_iter().find(|state| state.as_str() == s)
     }
 
+    /// States of a delivery still to be sent: it keeps the later ones of
+    /// its conversation waiting.
+    pub fn is_open(self) -> bool {
+        matches!(self, Self::Queued | Self::Sending | Self::Held)
+    }
+
     /// States an operator may send again.
     pub fn is_retryable_by_operator(self) -> bool {
         matches!(self, Self::Failed | Self::Dead | Self::Cancelled)

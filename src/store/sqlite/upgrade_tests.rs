@@ -231,3 +231,136 @@ async fn an_upgrade_counts_the_deliveries_already_there_and_the_counts_then_foll
         "a delivery that found its business counts for it"
     );
 }
+
+/// Migration 11 marks the deliveries already closed (`closed_at`), so a
+/// dead delivery keeps nothing waiting while a sending or held one still
+/// holds back the later ones of its conversation; afterwards the store's
+/// writes keep `closed_at` with the state.
+#[actix_rt::test]
+async fn an_upgrade_marks_closed_deliveries_and_only_open_ones_hold_their_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let mut conn = Connection::open(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        let before = MIGRATIONS
+            .iter()
+            .position(|m| m.contains("ADD COLUMN closed_at"))
+            .unwrap();
+        for script in &MIGRATIONS[..before] {
+            tx.execute_batch(script).unwrap();
+        }
+        tx.execute_batch(&format!("PRAGMA user_version = {before}"))
+            .unwrap();
+        tx.execute_batch(
+            "INSERT INTO events (id, source, external_id, event_type, payload, received_at)
+                 VALUES (1, 'oms', 'evt-1', 'order.shipped', '{}', 1000);",
+        )
+        .unwrap();
+        // Chat 1: a dead delivery, then a queued one. Chat 2: a held one,
+        // then a queued one. Chat 3: delivered, sending, queued.
+        let rows = [
+            (1, "dead"),
+            (1, "queued"),
+            (2, "held"),
+            (2, "queued"),
+            (3, "delivered"),
+            (3, "sending"),
+            (3, "queued"),
+        ];
+        for (chat, state) in rows {
+            tx.execute(
+                "INSERT INTO deliveries (event_id, route, template, business_id, chat_id, text,
+                     state, created_at, queued_at, next_attempt_at, updated_at, conversation)
+                 VALUES (1, 'r', 't', 111, ?1, 'x', ?2, 1000, 1000, 1000, 1000, 'chat:' || ?1)",
+                params![chat, state],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    let store = SqliteStore::open(&path).unwrap();
+    let limits = ClaimLimits {
+        sends: 10,
+        chat_lookups: 10,
+        total: 10,
+        caps: SharedCaps {
+            max_in_flight: 10,
+            send_limit: 100,
+            lookup_limit: 100,
+            window_ms: 3_600_000,
+        },
+    };
+    let claimed = store
+        .claim(BusinessId(111), 2000, 62_000, limits, false)
+        .await
+        .unwrap();
+    let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+    assert_eq!(
+        ids,
+        [2],
+        "only chat 1's queued delivery: its dead one is closed"
+    );
+
+    // Answers close deliveries (delivered), reopen them (a retry) or keep
+    // them open; an operator cancels and resends. `closed_at` follows.
+    store
+        .record(
+            Attempt {
+                delivery_id: 2,
+                claim_token: claimed[0].claim_token,
+                business_id: BusinessId(111),
+                method: MarketMethod::SendMessage,
+                started_at: 2000,
+                finished_at: 2010,
+                latency_ms: 10,
+                http_status: Some(200),
+                api_errors: Vec::new(),
+                error: None,
+                counts_for_quota: true,
+                window_used_up_until: None,
+                verdict: Verdict::Delivered,
+            },
+            2010,
+        )
+        .await
+        .unwrap();
+    store.cancel(4, 2020).await.unwrap();
+    store
+        .requeue(
+            1,
+            RenderedMessage {
+                business_id: BusinessId(111),
+                target: Target::Chat(ChatId(1)),
+                text: "again".into(),
+            },
+            2030,
+        )
+        .await
+        .unwrap();
+    let conn = Connection::open(&path).unwrap();
+    let mismatched: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM deliveries
+             WHERE (closed_at IS NULL) <> (state IN ('queued', 'sending', 'held'))",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        mismatched, 0,
+        "closed_at IS NULL exactly while a delivery is open"
+    );
+    let closed: Vec<(i64, Option<i64>)> = conn
+        .prepare("SELECT id, closed_at FROM deliveries WHERE id IN (1, 2, 4, 5) ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        closed,
+        [(1, None), (2, Some(2010)), (4, Some(2020)), (5, Some(1000))]
+    );
+}
