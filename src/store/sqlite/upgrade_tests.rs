@@ -28,6 +28,74 @@ fn old_database(path: &Path) {
     tx.commit().unwrap();
 }
 
+/// A database as it was just before the migration that contains
+/// `migration`, holding event 1 and what `rows` inserts.
+fn database_before(path: &Path, migration: &str, rows: impl FnOnce(&rusqlite::Transaction<'_>)) {
+    let mut conn = Connection::open(path).unwrap();
+    let tx = conn.transaction().unwrap();
+    let before = MIGRATIONS
+        .iter()
+        .position(|m| m.contains(migration))
+        .unwrap();
+    for script in &MIGRATIONS[..before] {
+        tx.execute_batch(script).unwrap();
+    }
+    tx.execute_batch(&format!("PRAGMA user_version = {before}"))
+        .unwrap();
+    tx.execute_batch(
+        "INSERT INTO events (id, source, external_id, event_type, payload, received_at)
+             VALUES (1, 'oms', 'evt-1', 'order.shipped', '{}', 1000);",
+    )
+    .unwrap();
+    rows(&tx);
+    tx.commit().unwrap();
+}
+
+/// Room to claim `n` deliveries of a business, within generous limits.
+fn room(n: usize) -> ClaimLimits {
+    ClaimLimits {
+        sends: n,
+        chat_lookups: n,
+        total: n,
+        caps: SharedCaps {
+            max_in_flight: n,
+            send_limit: 100,
+            lookup_limit: 100,
+            window_ms: 3_600_000,
+        },
+    }
+}
+
+/// Records that the Market took the claimed delivery at `at`.
+async fn delivered(store: &SqliteStore, claimed: &Claimed, at: Millis) {
+    let attempt = Attempt {
+        delivery_id: claimed.id,
+        claim_token: claimed.claim_token,
+        business_id: claimed.business_id,
+        method: MarketMethod::SendMessage,
+        started_at: at - 10,
+        finished_at: at,
+        latency_ms: 10,
+        http_status: Some(200),
+        api_errors: Vec::new(),
+        error: None,
+        counts_for_quota: true,
+        window_used_up_until: None,
+        verdict: Verdict::Delivered,
+    };
+    store.record(attempt, at).await.unwrap();
+}
+
+/// An operator sends delivery `id` again, to `chat` of `business`.
+async fn resend(store: &SqliteStore, id: i64, business: i64, chat: i64, at: Millis) {
+    let message = RenderedMessage {
+        business_id: BusinessId(business),
+        target: Target::Chat(ChatId(chat)),
+        text: "again".into(),
+    };
+    store.requeue(id, message, at).await.unwrap();
+}
+
 #[actix_rt::test]
 async fn an_old_database_is_upgraded_in_place_and_its_queue_keeps_its_chat_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -35,19 +103,8 @@ async fn an_old_database_is_upgraded_in_place_and_its_queue_keeps_its_chat_order
     old_database(&path);
 
     let store = SqliteStore::open(&path).unwrap();
-    let limits = ClaimLimits {
-        sends: 10,
-        chat_lookups: 10,
-        total: 10,
-        caps: crate::store::SharedCaps {
-            max_in_flight: 10,
-            send_limit: 10,
-            lookup_limit: 10,
-            window_ms: 3_600_000,
-        },
-    };
     let claimed = store
-        .claim(BusinessId(111), 2000, 60_000, limits, false)
+        .claim(BusinessId(111), 2000, 60_000, room(10), false)
         .await
         .unwrap();
     // The old rows joined their chat's conversation: only the first is taken.
@@ -69,24 +126,7 @@ async fn an_old_database_is_upgraded_in_place_and_its_queue_keeps_its_chat_order
 async fn an_upgrade_counts_the_deliveries_already_there_and_the_counts_then_follow_the_rows() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.db");
-    {
-        let mut conn = Connection::open(&path).unwrap();
-        let tx = conn.transaction().unwrap();
-        // The schema just before the migration that made the counts.
-        let before = MIGRATIONS
-            .iter()
-            .position(|m| m.contains("CREATE TABLE delivery_counts"))
-            .unwrap();
-        for script in &MIGRATIONS[..before] {
-            tx.execute_batch(script).unwrap();
-        }
-        tx.execute_batch(&format!("PRAGMA user_version = {before}"))
-            .unwrap();
-        tx.execute_batch(
-            "INSERT INTO events (id, source, external_id, event_type, payload, received_at)
-                 VALUES (1, 'oms', 'evt-1', 'order.shipped', '{}', 1000);",
-        )
-        .unwrap();
+    database_before(&path, "CREATE TABLE delivery_counts", |tx| {
         let rows = [
             (111, "queued", 5000),
             (111, "queued", 3000),
@@ -106,8 +146,7 @@ async fn an_upgrade_counts_the_deliveries_already_there_and_the_counts_then_foll
             )
             .unwrap();
         }
-        tx.commit().unwrap();
-    }
+    });
 
     let store = SqliteStore::open(&path).unwrap();
 
@@ -146,65 +185,14 @@ async fn an_upgrade_counts_the_deliveries_already_there_and_the_counts_then_foll
     // not triggers): a cancel, a requeue to another business, a mark as
     // failed, a claim and its delivered answer.
     store.cancel(1, 2000).await.unwrap();
-    store
-        .requeue(
-            7,
-            RenderedMessage {
-                business_id: BusinessId(333),
-                target: Target::Chat(ChatId(5001)),
-                text: "x".into(),
-            },
-            2000,
-        )
-        .await
-        .unwrap();
+    resend(&store, 7, 333, 5001, 2000).await;
     store.mark_failed(4, "broken".into(), 2000).await.unwrap();
-    let caps = SharedCaps {
-        max_in_flight: 4,
-        send_limit: 100,
-        lookup_limit: 100,
-        window_ms: 3_600_000,
-    };
     let claimed = store
-        .claim(
-            BusinessId(111),
-            9_000,
-            69_000,
-            ClaimLimits {
-                sends: 4,
-                chat_lookups: 4,
-                total: 4,
-                caps,
-            },
-            false,
-        )
+        .claim(BusinessId(111), 9_000, 69_000, room(4), false)
         .await
         .unwrap();
-    let sent = claimed
-        .into_iter()
-        .next()
-        .expect("a queued delivery of 111");
-    store
-        .record(
-            Attempt {
-                delivery_id: sent.id,
-                claim_token: sent.claim_token,
-                business_id: BusinessId(111),
-                method: MarketMethod::SendMessage,
-                started_at: 9_000,
-                finished_at: 9_010,
-                latency_ms: 10,
-                http_status: Some(200),
-                api_errors: Vec::new(),
-                error: None,
-                counts_for_quota: true,
-                window_used_up_until: None,
-                verdict: Verdict::Delivered,
-            },
-            9_010,
-        )
-        .await
-        .unwrap();
+    let sent = claimed.first().expect("a queued delivery of 111");
+    delivered(&store, sent, 9_010).await;
     let counted: Vec<(i64, String, i64)> = Connection::open(&path)
         .unwrap()
         .prepare(
@@ -240,23 +228,7 @@ async fn an_upgrade_counts_the_deliveries_already_there_and_the_counts_then_foll
 async fn an_upgrade_marks_closed_deliveries_and_only_open_ones_hold_their_conversation() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.db");
-    {
-        let mut conn = Connection::open(&path).unwrap();
-        let tx = conn.transaction().unwrap();
-        let before = MIGRATIONS
-            .iter()
-            .position(|m| m.contains("ADD COLUMN closed_at"))
-            .unwrap();
-        for script in &MIGRATIONS[..before] {
-            tx.execute_batch(script).unwrap();
-        }
-        tx.execute_batch(&format!("PRAGMA user_version = {before}"))
-            .unwrap();
-        tx.execute_batch(
-            "INSERT INTO events (id, source, external_id, event_type, payload, received_at)
-                 VALUES (1, 'oms', 'evt-1', 'order.shipped', '{}', 1000);",
-        )
-        .unwrap();
+    database_before(&path, "ADD COLUMN closed_at", |tx| {
         // Chat 1: a dead delivery, then a queued one. Chat 2: a held one,
         // then a queued one. Chat 3: delivered, sending, queued.
         let rows = [
@@ -277,23 +249,11 @@ async fn an_upgrade_marks_closed_deliveries_and_only_open_ones_hold_their_conver
             )
             .unwrap();
         }
-        tx.commit().unwrap();
-    }
+    });
 
     let store = SqliteStore::open(&path).unwrap();
-    let limits = ClaimLimits {
-        sends: 10,
-        chat_lookups: 10,
-        total: 10,
-        caps: SharedCaps {
-            max_in_flight: 10,
-            send_limit: 100,
-            lookup_limit: 100,
-            window_ms: 3_600_000,
-        },
-    };
     let claimed = store
-        .claim(BusinessId(111), 2000, 62_000, limits, false)
+        .claim(BusinessId(111), 2000, 62_000, room(10), false)
         .await
         .unwrap();
     let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
@@ -305,40 +265,9 @@ async fn an_upgrade_marks_closed_deliveries_and_only_open_ones_hold_their_conver
 
     // Answers close deliveries (delivered), reopen them (a retry) or keep
     // them open; an operator cancels and resends. `closed_at` follows.
-    store
-        .record(
-            Attempt {
-                delivery_id: 2,
-                claim_token: claimed[0].claim_token,
-                business_id: BusinessId(111),
-                method: MarketMethod::SendMessage,
-                started_at: 2000,
-                finished_at: 2010,
-                latency_ms: 10,
-                http_status: Some(200),
-                api_errors: Vec::new(),
-                error: None,
-                counts_for_quota: true,
-                window_used_up_until: None,
-                verdict: Verdict::Delivered,
-            },
-            2010,
-        )
-        .await
-        .unwrap();
+    delivered(&store, &claimed[0], 2010).await;
     store.cancel(4, 2020).await.unwrap();
-    store
-        .requeue(
-            1,
-            RenderedMessage {
-                business_id: BusinessId(111),
-                target: Target::Chat(ChatId(1)),
-                text: "again".into(),
-            },
-            2030,
-        )
-        .await
-        .unwrap();
+    resend(&store, 1, 111, 1, 2030).await;
     let conn = Connection::open(&path).unwrap();
     let mismatched: i64 = conn
         .query_row(
