@@ -1206,14 +1206,22 @@ impl Store for SqliteStore {
             let before = before_change(conn, attempt.delivery_id)?;
             // Only an answer that closes the delivery sets `closed_at`: a
             // retry then leaves the conversation index alone.
-            let changed = conn.prepare_cached(&format!(
-                "UPDATE deliveries SET state = ?2,
-                     reason = CASE WHEN ?2 = 'delivered' THEN NULL ELSE COALESCE(?3, reason) END,
-                     next_attempt_at = ?4,
-                     delivered_at = ?5, attempts = attempts + ?6, lease_until = NULL, updated_at = ?7{}
-                 WHERE id = ?1 AND claim_token = ?8",
-                if state.is_open() { "" } else { ", closed_at = ?7" }
-            ))
+            macro_rules! record_update {
+                ($closing:literal) => {
+                    concat!(
+                        "UPDATE deliveries SET state = ?2,
+                             reason = CASE WHEN ?2 = 'delivered' THEN NULL ELSE COALESCE(?3, reason) END,
+                             next_attempt_at = ?4,
+                             delivered_at = ?5, attempts = attempts + ?6, lease_until = NULL, updated_at = ?7",
+                        $closing,
+                        " WHERE id = ?1 AND claim_token = ?8"
+                    )
+                };
+            }
+            let changed = conn.prepare_cached(match state.is_open() {
+                true => record_update!(""),
+                false => record_update!(", closed_at = ?7"),
+            })
             .and_then(|mut s| {
                 s.execute(params![
                     attempt.delivery_id,
