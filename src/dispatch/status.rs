@@ -46,6 +46,24 @@ impl DispatchStatus {
         }
     }
 
+    /// Whether a send to a known chat of `business` cannot start before a
+    /// time the dispatcher already waits for: its sends are paused by the
+    /// Market, its quota is used up, or its key is refused (probed on a
+    /// timer). A business the dispatcher has not seen yet is not blocked.
+    pub fn sends_blocked(&self, business: BusinessId, now: Millis) -> bool {
+        self.businesses
+            .lock()
+            .ok()
+            .and_then(|map| {
+                map.get(&business).map(|s| {
+                    s.held
+                        || s.paused_until.is_some_and(|t| t > now)
+                        || s.quota_next_free.is_some_and(|t| t > now)
+                })
+            })
+            .unwrap_or(false)
+    }
+
     /// Every business the dispatcher has seen since it started.
     pub fn snapshot(&self) -> BTreeMap<BusinessId, BusinessStatus> {
         self.businesses

@@ -181,6 +181,7 @@ async fn accept(
         }
     }
     let reasons = failure_reasons(&deliveries);
+    let wake = super::needs_round(state, &deliveries, now);
     let inserted = state
         .store
         .insert_event(NewEvent {
@@ -196,7 +197,7 @@ async fn accept(
         .await?;
     Ok(match inserted {
         Inserted::New(stored) => {
-            super::after_commit(state, req, &stored, &reasons);
+            super::after_commit(state, req, &stored, &reasons, wake);
             (success(now), "accepted")
         }
         Inserted::Duplicate(stored) => {

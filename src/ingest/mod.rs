@@ -22,7 +22,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::api_error::ApiError;
-use crate::clock::to_rfc3339;
+use crate::clock::{to_rfc3339, Millis};
+use crate::domain::Target;
 use crate::pipeline::{hex, Pipeline};
 use crate::render::EventMeta;
 use crate::settings::SourceSettings;
@@ -204,13 +205,32 @@ pub(crate) fn failure_reasons(deliveries: &[NewDelivery]) -> Vec<Option<String>>
         .collect()
 }
 
+/// Whether new deliveries need a dispatcher round now. Not when each one
+/// goes to a known chat of a business whose sends are blocked (its quota
+/// used up, a pause, a refused key): the dispatcher already waits for the
+/// time that ends, and a round per webhook would only find nothing to take
+/// (with a seller over quota, hundreds of rounds a second, each reading
+/// the queue). A delivery whose chat must be found first may still go
+/// (`chats/new` has its own quota), so it wakes the dispatcher.
+pub(crate) fn needs_round(state: &AppState, deliveries: &[NewDelivery], now: Millis) -> bool {
+    deliveries.iter().any(|d| match &d.rendered {
+        Ok(m) => match m.target {
+            Target::Chat(_) => !state.dispatch.sends_blocked(m.business_id, now),
+            Target::Context(_) => true,
+        },
+        Err(_) => false,
+    })
+}
+
 /// What follows a new event's commit: metrics, the failed renders' log
-/// lines, and waking the dispatcher.
+/// lines, and waking the dispatcher when the deliveries need a round
+/// (`needs_round`, decided before the insert).
 pub(crate) fn after_commit(
     state: &AppState,
     req: &HttpRequest,
     stored: &StoredEvent,
     reasons: &[Option<String>],
+    wake: bool,
 ) {
     for d in &stored.deliveries {
         state
@@ -228,7 +248,9 @@ pub(crate) fn after_commit(
         peer = req.peer_addr().map(|p| p.to_string()),
         "webhook accepted"
     );
-    state.wake.notify_one();
+    if wake {
+        state.wake.notify_one();
+    }
 }
 
 async fn accept(
@@ -288,6 +310,7 @@ async fn accept(
     };
     let deliveries = deliveries_of(pipeline.plan(&event, &meta));
     let reasons = failure_reasons(&deliveries);
+    let wake = needs_round(state, &deliveries, now);
     let inserted = state
         .store
         .insert_event(NewEvent {
@@ -303,7 +326,7 @@ async fn accept(
         .await?;
     Ok(match inserted {
         Inserted::New(stored) => {
-            after_commit(state, req, &stored, &reasons);
+            after_commit(state, req, &stored, &reasons, wake);
             HttpResponse::Accepted().json(answer(&stored, false))
         }
         Inserted::Duplicate(stored) => {

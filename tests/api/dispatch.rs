@@ -650,3 +650,42 @@ async fn a_window_the_market_said_is_used_up_stays_used_up_across_a_restart() {
     assert_eq!(app.market.stats().by_status.get(&420), None);
     app.stop().await;
 }
+
+/// Webhooks for a business whose quota is used up need no dispatcher
+/// round of their own (the service no longer starts one per webhook: the
+/// dispatcher already waits for the window): they all go out, in the
+/// order they came, once the window lets them, and never over the quota.
+#[actix_rt::test]
+async fn webhooks_that_arrive_while_the_quota_is_used_up_go_out_in_order_when_the_window_frees() {
+    let (limit, window_secs) = (2usize, 3600u64);
+    let (opts, clock) = options(
+        FakeConfig {
+            hourly_limit: 0,
+            ..FakeConfig::default()
+        },
+        limit as u32,
+        window_secs,
+    );
+    let app = spawn_app_with(opts).await;
+    for seq in 0..2 {
+        post_burst(&app, &[(111, 7, seq)]).await;
+    }
+    drive(&app, &clock, 2).await;
+    // The window is used up; these are accepted and wait.
+    for seq in 2..7 {
+        post_burst(&app, &[(111, 7, seq)]).await;
+    }
+    actix_rt::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.market.delivered().len(), 2, "nothing over the quota");
+
+    drive(&app, &clock, 7).await;
+    let delivered = app.market.delivered();
+    let seqs: Vec<usize> = delivered
+        .iter()
+        .map(|m| m.message[4..].parse().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..7).collect::<Vec<_>>(), "all of them, in order");
+    let times: Vec<i64> = delivered.iter().map(|m| m.at).collect();
+    assert_never_over(&times, limit, window_secs as i64 * 1000);
+    app.stop().await;
+}
