@@ -18,9 +18,11 @@
 //!   are recorded with the attempt: a restarted process, and on PostgreSQL
 //!   every other one, waits for the same window;
 //! - wake-ups: a webhook accepted, a send finished or a reload wakes the
-//!   dispatcher at once; on PostgreSQL so does work another process made
-//!   due (`Store::wake_on_work`, LISTEN/NOTIFY); `dispatch.poll_interval_ms`
-//!   is the fallback for anything else;
+//!   dispatcher at once (not a webhook whose deliveries all wait for a
+//!   blocked business's time anyway: `ingest::needs_round`); on PostgreSQL
+//!   so does work another process made due (`Store::wake_on_work`,
+//!   LISTEN/NOTIFY); `dispatch.poll_interval_ms` is the fallback for
+//!   anything else;
 //! - per conversation, messages go in the order their events were
 //!   accepted: a delivery is claimed only when no earlier one of its
 //!   conversation is open. A delivery to the chat of an order or return
