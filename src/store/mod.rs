@@ -360,6 +360,22 @@ pub struct DeliveryFilter {
     pub limit: usize,
 }
 
+impl DeliveryFilter {
+    /// The listing's test of `d.state`, written into the SQL (the states
+    /// are a fixed set of words) rather than bound: both databases use a
+    /// partial index only where the query's own terms prove its condition,
+    /// and `deliveries_state` holds every state but `sending` (a delivery
+    /// is there for the length of one call; `deliveries_leased` or
+    /// `deliveries_sending` lists those few).
+    pub(crate) fn state_sql(&self) -> String {
+        match self.state {
+            None => String::new(),
+            Some(DeliveryState::Sending) => " AND d.state = 'sending'".to_owned(),
+            Some(other) => format!(" AND d.state = '{}' AND d.state <> 'sending'", other.as_str()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct BusinessQueue {
     pub business_id: i64,

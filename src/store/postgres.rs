@@ -1123,16 +1123,14 @@ impl Store for PostgresStore {
         self.with(move |c| {
             Box::pin(async move {
                 let mut sql = format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id WHERE TRUE"
+                    "SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.id = d.event_id WHERE TRUE{}",
+                    filter.state_sql()
                 );
                 let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
                 let mut add = |clause: &str, value: Box<dyn ToSql + Sync + Send>| {
                     args.push(value);
                     sql.push_str(&format!(" AND {clause} ${}", args.len()));
                 };
-                if let Some(s) = filter.state {
-                    add("d.state =", Box::new(s.as_str().to_owned()));
-                }
                 if let Some(b) = filter.business_id {
                     add("d.business_id =", Box::new(b));
                 }

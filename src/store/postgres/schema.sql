@@ -138,3 +138,17 @@ CREATE INDEX deliveries_stopped ON deliveries (business_id, state)
 -- business, all with chats. Few rows are in it.
 CREATE INDEX deliveries_due_lookup ON deliveries (business_id, next_attempt_at, id)
     WHERE state = 'queued' AND chat_id IS NULL;
+
+-- migration 7
+-- Fewer index entries per message. PostgreSQL writes a new entry in every
+-- index of `deliveries` at each change of state (`state` is in their
+-- conditions, so no update is HOT): the listing by state leaves out
+-- `sending` (a delivery is there for the length of one call;
+-- `deliveries_sending` lists those few), and the two indexes of the
+-- sending ones become one (the expired-lease scan reads it whole: it
+-- holds at most max_in_flight per business).
+DROP INDEX deliveries_state;
+CREATE INDEX deliveries_state ON deliveries (state, id) WHERE state <> 'sending';
+DROP INDEX deliveries_leased;
+DROP INDEX deliveries_sending;
+CREATE INDEX deliveries_sending ON deliveries (business_id, lease_until) WHERE state = 'sending';
