@@ -802,46 +802,6 @@ fn claimed_row(r: &Row) -> Claimed {
     }
 }
 
-/// Leases up to `limit` due heads of their conversations in one statement:
-/// `lookups` those whose chat must be found first, else sends.
-async fn claim_heads(
-    c: &impl GenericClient,
-    business: BusinessId,
-    now: Millis,
-    lease_until: Millis,
-    limit: usize,
-    lookups: bool,
-) -> StoreResult<Vec<Claimed>> {
-    if limit == 0 {
-        return Ok(Vec::new());
-    }
-    let sql = format!(
-        "WITH due AS (
-            SELECT d.id FROM deliveries d
-            WHERE d.state = 'queued' AND d.business_id = $1 AND d.next_attempt_at <= $2
-              AND d.chat_id IS {} NULL
-              AND {HEAD}
-            ORDER BY d.next_attempt_at, d.id LIMIT $3
-            FOR UPDATE SKIP LOCKED
-         )
-         UPDATE deliveries u SET state = 'sending', lease_until = $4, updated_at = $2,
-             claim_token = nextval('claim_tokens')
-         FROM due WHERE u.id = due.id
-         RETURNING {CLAIMED_COLUMNS}",
-        if lookups { "" } else { "NOT" }
-    );
-    let rows = c
-        .query(
-            &writes::cached(c, &sql).await?,
-            &[&business.0, &now, &(limit as i64), &lease_until],
-        )
-        .await
-        .map_err(db_error)?;
-    let mut claimed: Vec<Claimed> = rows.iter().map(claimed_row).collect();
-    claimed.sort_by_key(|c| c.id);
-    Ok(claimed)
-}
-
 #[async_trait]
 impl Store for PostgresStore {
     async fn insert_event(&self, event: NewEvent) -> StoreResult<Inserted> {

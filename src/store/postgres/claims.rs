@@ -46,23 +46,63 @@ async fn lock_exclusive(c: &impl GenericClient, businesses: &[i64]) -> StoreResu
 /// (shorter than the lease). A slot older than window + lease is over
 /// whatever became of it.
 const ROOM: &str = "SELECT
-    (SELECT COUNT(*) FROM deliveries WHERE business_id = $1 AND state = 'sending'),
-    EXISTS (SELECT 1 FROM deliveries WHERE business_id = $1 AND state = 'held'),
+    (SELECT COUNT(*) FROM deliveries WHERE business_id = $1 AND state = 'sending') AS sending,
+    EXISTS (SELECT 1 FROM deliveries WHERE business_id = $1 AND state = 'held') AS held,
     (SELECT COUNT(*) FROM quota_slots q
      WHERE q.business_id = $1 AND q.method = $2 AND q.taken_at > $5
        AND (q.taken_at > $4 OR EXISTS (
            SELECT 1 FROM deliveries d
-           WHERE d.id = q.delivery_id AND d.claim_token = q.claim_token AND d.state = 'sending'))),
-    (SELECT until_at FROM method_pauses WHERE business_id = $1 AND method = $2),
+           WHERE d.id = q.delivery_id AND d.claim_token = q.claim_token AND d.state = 'sending'))) AS lookups_used,
+    (SELECT until_at FROM method_pauses WHERE business_id = $1 AND method = $2) AS lookups_paused,
     (SELECT COUNT(*) FROM quota_slots q
      WHERE q.business_id = $1 AND q.method = $3 AND q.taken_at > $5
        AND (q.taken_at > $4 OR EXISTS (
            SELECT 1 FROM deliveries d
-           WHERE d.id = q.delivery_id AND d.claim_token = q.claim_token AND d.state = 'sending'))),
-    (SELECT until_at FROM method_pauses WHERE business_id = $1 AND method = $3)";
+           WHERE d.id = q.delivery_id AND d.claim_token = q.claim_token AND d.state = 'sending'))) AS sends_used,
+    (SELECT until_at FROM method_pauses WHERE business_id = $1 AND method = $3) AS sends_paused";
+
+/// What the business may start now, and its due heads leased, in one
+/// statement (one round trip, where reading the room first took two): the
+/// room of [`ROOM`] ($1 to $5) against the limits ($6 now, $7 lease end,
+/// $8 the free request slots asked for, $9 `max_in_flight`, $10 and $11
+/// the `chats/new` and send limits, $12 and $13 the look-ups and sends
+/// asked for); nothing while the business has held deliveries (another
+/// instance holds it: only its probe may call the Market). Heads whose
+/// chat must be found first go before sends, within the free slots.
+fn claim_sql() -> String {
+    let heads = |lookups: bool, limit: &str| {
+        format!(
+            "SELECT d.id FROM deliveries d
+             WHERE d.state = 'queued' AND d.business_id = $1 AND d.next_attempt_at <= $6
+               AND d.chat_id IS {} NULL AND {HEAD}
+             ORDER BY d.next_attempt_at, d.id
+             LIMIT (SELECT CASE WHEN held THEN 0 ELSE GREATEST({limit}, 0) END FROM room)
+             FOR UPDATE SKIP LOCKED",
+            if lookups { "" } else { "NOT" }
+        )
+    };
+    format!(
+        "WITH found AS ({ROOM}),
+         room AS (
+             SELECT held,
+                 LEAST($8::int8, $9::int8 - sending) AS total,
+                 CASE WHEN lookups_paused > $6 THEN 0 ELSE LEAST($12::int8, $10::int8 - lookups_used) END AS lookups,
+                 CASE WHEN sends_paused > $6 THEN 0 ELSE LEAST($13::int8, $11::int8 - sends_used) END AS sends
+             FROM found),
+         lookups AS ({}),
+         sends AS ({})
+         UPDATE deliveries u SET state = 'sending', lease_until = $7, updated_at = $6,
+             claim_token = nextval('claim_tokens')
+         FROM (SELECT id FROM lookups UNION ALL SELECT id FROM sends) due WHERE u.id = due.id
+         RETURNING {CLAIMED_COLUMNS}",
+        heads(true, "LEAST(total, lookups)"),
+        heads(false, "LEAST(total - (SELECT COUNT(*) FROM lookups), sends)"),
+    )
+}
 
 /// Leases what the business may start now (its lock held); the quota
-/// slots are left to [`take_slots`].
+/// slots are left to [`take_slots`]. `held`: the probe of a business whose
+/// deliveries are held, one held delivery if a request slot is free.
 async fn claim_in(
     c: &impl GenericClient,
     business: BusinessId,
@@ -71,42 +111,25 @@ async fn claim_in(
     limits: ClaimLimits,
     held: bool,
 ) -> StoreResult<Vec<Claimed>> {
+    static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(claim_sql);
     let caps = limits.caps;
     let lease_ms = (lease_until - now).max(0);
-    let row = c
-        .query_one(
-            &cached(c, ROOM).await?,
-            &[
-                &business.0,
-                &MarketMethod::CreateChat.as_str(),
-                &MarketMethod::SendMessage.as_str(),
-                &(now - caps.window_ms),
-                &(now - caps.window_ms - lease_ms),
-            ],
-        )
-        .await
-        .map_err(db_error)?;
-    let sending: i64 = row.get(0);
-    let held_rows: bool = row.get(1);
-    let room = |used: i64, paused: Option<i64>, limit: u32| {
-        if paused.is_some_and(|until| until > now) {
-            0
-        } else {
-            (limit as i64 - used).max(0) as usize
-        }
-    };
-    let total = limits
-        .total
-        .min((caps.max_in_flight as i64 - sending).max(0) as usize);
-    let lookups = limits
-        .chat_lookups
-        .min(room(row.get(2), row.get(3), caps.lookup_limit));
-    let sends = limits
-        .sends
-        .min(room(row.get(4), row.get(5), caps.send_limit));
+    let (lookup, send) = (
+        MarketMethod::CreateChat.as_str(),
+        MarketMethod::SendMessage.as_str(),
+    );
+    let (window_start, lease_window_start) = (now - caps.window_ms, now - caps.window_ms - lease_ms);
+    let found: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&business.0, &lookup, &send, &window_start, &lease_window_start];
     if held {
-        // A probe: one held delivery, whatever its method, if the request
-        // slots and its method's quota allow.
+        let sending: i64 = c
+            .query_one(&cached(c, ROOM).await?, &found)
+            .await
+            .map_err(db_error)?
+            .get("sending");
+        let total = limits
+            .total
+            .min((caps.max_in_flight as i64 - sending).max(0) as usize);
         if total == 0 {
             return Ok(Vec::new());
         }
@@ -129,14 +152,25 @@ async fn claim_in(
             .map_err(db_error)?;
         return Ok(rows.iter().map(claimed_row).collect());
     }
-    if held_rows {
-        // Another instance holds the business (its key is refused): only
-        // its probe may call the Market.
-        return Ok(Vec::new());
-    }
-    let mut claimed = claim_heads(c, business, now, lease_until, lookups.min(total), true).await?;
-    let left = total - claimed.len();
-    claimed.extend(claim_heads(c, business, now, lease_until, sends.min(left), false).await?);
+    let limits_now: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        &now,
+        &lease_until,
+        &(limits.total as i64),
+        &(caps.max_in_flight as i64),
+        &(caps.lookup_limit as i64),
+        &(caps.send_limit as i64),
+        &(limits.chat_lookups as i64),
+        &(limits.sends as i64),
+    ];
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        found.iter().chain(&limits_now).copied().collect();
+    let rows = c
+        .query(&cached(c, &CLAIM).await?, &params)
+        .await
+        .map_err(db_error)?;
+    let mut claimed: Vec<Claimed> = rows.iter().map(claimed_row).collect();
+    // Look-ups first, each kind in id order (as two statements gave them).
+    claimed.sort_by_key(|d| (d.chat_id.is_some(), d.id));
     Ok(claimed)
 }
 
