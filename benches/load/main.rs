@@ -39,7 +39,8 @@
 //! `BENCH_POSTGRES_URL=postgres://...` (else `CHATBRIDGE_TEST_POSTGRES_URL`)
 //! names the PostgreSQL server for the `postgres` step, which makes a
 //! database per phase on it and drops them at the end (skipped, saying
-//! so, when neither is set).
+//! so, when neither is set); `BENCH_POSTGRES_QUEUE=0` leaves out its
+//! 1M-queued steps.
 //! Every loop is bounded in count and time; every address is 127.0.0.1;
 //! the child processes die with this one.
 //!
@@ -164,12 +165,18 @@ fn postgres_phases(
     );
     let (peak, one) = load_phases(report, plan, &backend, dir, sample)?;
     let (peak_two, two) = end_to_end(report, plan, &backend, dir, sample, 2)?;
-    let peak_queue = queue_phases(report, plan, &backend, dir, sample, sample_body)?;
-    report.row(
-        sec,
-        "service peak RSS (VmHWM): load; 1M queued",
-        format!("{}; {}", mib(peak.max(peak_two)), mib(peak_queue)),
-    );
+    // BENCH_POSTGRES_QUEUE=0: the load steps alone, for comparing builds
+    // quickly (the 1M-queued steps take a minute to fill the database).
+    if std::env::var("BENCH_POSTGRES_QUEUE").is_ok_and(|v| v == "0") {
+        report.row(sec, "service peak RSS (VmHWM): load", mib(peak.max(peak_two)));
+    } else {
+        let peak_queue = queue_phases(report, plan, &backend, dir, sample, sample_body)?;
+        report.row(
+            sec,
+            "service peak RSS (VmHWM): load; 1M queued",
+            format!("{}; {}", mib(peak.max(peak_two)), mib(peak_queue)),
+        );
+    }
     if let Some(sqlite) = sqlite_e2e {
         report.target(
             sec,

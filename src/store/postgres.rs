@@ -1331,6 +1331,13 @@ impl Store for PostgresStore {
                 tx.execute("DELETE FROM quota_slots WHERE taken_at < $1", &[&before])
                     .await
                     .map_err(db_error)?;
+                // Their minutes are empty now.
+                tx.execute(
+                    "DELETE FROM quota_counts WHERE minute + 60000 <= $1",
+                    &[&before],
+                )
+                .await
+                .map_err(db_error)?;
                 tx.execute("DELETE FROM method_pauses WHERE until_at < $1", &[&before])
                     .await
                     .map_err(db_error)?;

@@ -27,6 +27,8 @@ mod serve_binary;
 #[cfg(postgres_tests)]
 mod postgres_batches;
 #[cfg(postgres_tests)]
+mod postgres_quota;
+#[cfg(postgres_tests)]
 mod several_instances;
 #[cfg(postgres_tests)]
 mod several_processes;

@@ -37,6 +37,27 @@ async fn lock_exclusive(c: &impl GenericClient, businesses: &[i64]) -> StoreResu
     Ok(())
 }
 
+/// The quota slots of method `$m` that count now: those of the window
+/// (after `$4`) and, while its call is still in flight, a slot up to a
+/// lease older (after `$5`). The window's whole minutes are added up from
+/// `quota_counts` (PostgreSQL migration 8); only the slots of its first,
+/// partial minute and the in-flight band are counted one by one.
+macro_rules! slots_in_window {
+    ($m:literal) => {
+        concat!(
+            "((SELECT COALESCE(SUM(n), 0)::int8 FROM quota_counts
+               WHERE business_id = $1 AND method = ", $m, " AND minute > quota_minute($4))
+            + (SELECT COUNT(*) FROM quota_slots q
+               WHERE q.business_id = $1 AND q.method = ", $m, "
+                 AND q.taken_at > $4 AND q.taken_at < quota_minute($4) + 60000)
+            + (SELECT COUNT(*) FROM quota_slots q
+               WHERE q.business_id = $1 AND q.method = ", $m, " AND q.taken_at > $5 AND q.taken_at <= $4
+                 AND EXISTS (SELECT 1 FROM deliveries d WHERE d.id = q.delivery_id
+                             AND d.claim_token = q.claim_token AND d.state = 'sending')))"
+        )
+    };
+}
+
 /// In one statement: the business's `sending` deliveries, whether it has
 /// held ones, and for `chats/new` ($2) and sends ($3) the quota slots that
 /// count and the pause. A slot counts from its time (the claim's, then the
@@ -45,21 +66,19 @@ async fn lock_exclusive(c: &impl GenericClient, businesses: &[i64]) -> StoreResu
 /// which may be later than the claim, by up to the request timeout
 /// (shorter than the lease). A slot older than window + lease is over
 /// whatever became of it.
-const ROOM: &str = "SELECT
+const ROOM: &str = concat!(
+    "SELECT
     (SELECT COUNT(*) FROM deliveries WHERE business_id = $1 AND state = 'sending') AS sending,
     EXISTS (SELECT 1 FROM deliveries WHERE business_id = $1 AND state = 'held') AS held,
-    (SELECT COUNT(*) FROM quota_slots q
-     WHERE q.business_id = $1 AND q.method = $2 AND q.taken_at > $5
-       AND (q.taken_at > $4 OR EXISTS (
-           SELECT 1 FROM deliveries d
-           WHERE d.id = q.delivery_id AND d.claim_token = q.claim_token AND d.state = 'sending'))) AS lookups_used,
+    ",
+    slots_in_window!("$2"),
+    " AS lookups_used,
     (SELECT until_at FROM method_pauses WHERE business_id = $1 AND method = $2) AS lookups_paused,
-    (SELECT COUNT(*) FROM quota_slots q
-     WHERE q.business_id = $1 AND q.method = $3 AND q.taken_at > $5
-       AND (q.taken_at > $4 OR EXISTS (
-           SELECT 1 FROM deliveries d
-           WHERE d.id = q.delivery_id AND d.claim_token = q.claim_token AND d.state = 'sending'))) AS sends_used,
-    (SELECT until_at FROM method_pauses WHERE business_id = $1 AND method = $3) AS sends_paused";
+    ",
+    slots_in_window!("$3"),
+    " AS sends_used,
+    (SELECT until_at FROM method_pauses WHERE business_id = $1 AND method = $3) AS sends_paused"
+);
 
 /// What the business may start now, and its due heads leased, in one
 /// statement (one round trip, where reading the room first took two): the

@@ -152,3 +152,53 @@ CREATE INDEX deliveries_state ON deliveries (state, id) WHERE state <> 'sending'
 DROP INDEX deliveries_leased;
 DROP INDEX deliveries_sending;
 CREATE INDEX deliveries_sending ON deliveries (business_id, lease_until) WHERE state = 'sending';
+
+-- migration 8
+-- The quota slots in a window counted per minute, so that a claim adds up
+-- at most a window's minutes and counts slots one by one only in the
+-- window's first, partial minute: counting every slot of the window cost
+-- the claim of a busy business 1.7 ms with 750 slots, at every round.
+-- Triggers on quota_slots keep the counts, in the same transaction as the
+-- slots (a move within its minute, as most answers make, changes none).
+CREATE FUNCTION quota_minute(t BIGINT) RETURNS BIGINT
+    LANGUAGE SQL IMMUTABLE AS 'SELECT t - ((t % 60000) + 60000) % 60000';
+CREATE TABLE quota_counts (
+    business_id BIGINT NOT NULL,
+    method      TEXT NOT NULL,
+    minute      BIGINT NOT NULL,
+    n           BIGINT NOT NULL,
+    PRIMARY KEY (business_id, method, minute)
+);
+INSERT INTO quota_counts (business_id, method, minute, n)
+    SELECT business_id, method, quota_minute(taken_at), COUNT(*) FROM quota_slots GROUP BY 1, 2, 3;
+CREATE FUNCTION quota_counts_follow() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO quota_counts AS c (business_id, method, minute, n)
+            SELECT business_id, method, quota_minute(taken_at), COUNT(*) FROM new_slots
+            GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+            ON CONFLICT (business_id, method, minute) DO UPDATE SET n = c.n + EXCLUDED.n;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO quota_counts AS c (business_id, method, minute, n)
+            SELECT business_id, method, quota_minute(taken_at), -COUNT(*) FROM old_slots
+            GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+            ON CONFLICT (business_id, method, minute) DO UPDATE SET n = c.n + EXCLUDED.n;
+    ELSE
+        INSERT INTO quota_counts AS c (business_id, method, minute, n)
+            SELECT business_id, method, minute, SUM(d) FROM (
+                SELECT business_id, method, quota_minute(taken_at) AS minute, -1 AS d FROM old_slots
+                UNION ALL
+                SELECT business_id, method, quota_minute(taken_at), 1 FROM new_slots) moved
+            GROUP BY 1, 2, 3 HAVING SUM(d) <> 0 ORDER BY 1, 2, 3
+            ON CONFLICT (business_id, method, minute) DO UPDATE SET n = c.n + EXCLUDED.n;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER quota_counts_insert AFTER INSERT ON quota_slots
+    REFERENCING NEW TABLE AS new_slots FOR EACH STATEMENT EXECUTE FUNCTION quota_counts_follow();
+CREATE TRIGGER quota_counts_update AFTER UPDATE ON quota_slots
+    REFERENCING OLD TABLE AS old_slots NEW TABLE AS new_slots
+    FOR EACH STATEMENT EXECUTE FUNCTION quota_counts_follow();
+CREATE TRIGGER quota_counts_delete AFTER DELETE ON quota_slots
+    REFERENCING OLD TABLE AS old_slots FOR EACH STATEMENT EXECUTE FUNCTION quota_counts_follow();
