@@ -8,7 +8,9 @@
 //!   stored one is read);
 //! - a claim runs in one transaction under the business's exclusive
 //!   advisory lock: it counts the business's `sending` rows (max_in_flight)
-//!   and its quota slots in the window (one indexed range, no counter row),
+//!   and its quota slots in the window (the window's whole minutes from
+//!   `quota_counts`, which triggers on `quota_slots` keep; its first,
+//!   partial minute slot by slot),
 //!   reads the methods' 420 pauses, then takes the due heads of their
 //!   conversations `FOR UPDATE SKIP LOCKED` in one statement, writes a
 //!   fresh claim token from a sequence and a quota slot per call; a

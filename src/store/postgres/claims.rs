@@ -1,8 +1,8 @@
 //! Claims: what a business may start now (its `sending` rows against
 //! `max_in_flight`, each method's quota slots in the window and stored
-//! pause, whether it is held), read in one statement, then its due heads
-//! leased and their quota slots written, all under the business's
-//! exclusive lock (see the module docs of `postgres.rs`).
+//! pause, whether it is held) and its due heads leased, in one statement,
+//! then their quota slots written, all under the business's exclusive
+//! lock (see the module docs of `postgres.rs`).
 //!
 //! A dispatcher round (`claim_round`) claims for all its businesses in one
 //! transaction: their locks taken in one statement in the fixed order of
@@ -291,9 +291,9 @@ const TAKE: &str = "SELECT b, pg_advisory_xact_lock($2, k) FROM (
         WHERE pg_try_advisory_xact_lock($1, hashint8(b))
         ORDER BY k OFFSET 0) AS free";
 
-/// See `Store::claim_round`: one transaction for the round, in five round
-/// trips: BEGIN with the locks; what each business may start; its heads
-/// to find chats for; its heads to send; the quota slots, the `next_due`
+/// See `Store::claim_round`: one transaction for the round, in three round
+/// trips: BEGIN with the locks; each business's claim (what it may start
+/// and its heads, one statement each); the quota slots, the `next_due`
 /// look-ups and COMMIT. The statements of each step go together.
 pub(super) async fn claim_round(
     client: &mut Object,
