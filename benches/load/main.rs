@@ -168,7 +168,11 @@ fn postgres_phases(
     // BENCH_POSTGRES_QUEUE=0: the load steps alone, for comparing builds
     // quickly (the 1M-queued steps take a minute to fill the database).
     if std::env::var("BENCH_POSTGRES_QUEUE").is_ok_and(|v| v == "0") {
-        report.row(sec, "service peak RSS (VmHWM): load", mib(peak.max(peak_two)));
+        report.row(
+            sec,
+            "service peak RSS (VmHWM): load",
+            mib(peak.max(peak_two)),
+        );
     } else {
         let peak_queue = queue_phases(report, plan, &backend, dir, sample, sample_body)?;
         report.row(

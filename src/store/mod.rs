@@ -371,7 +371,10 @@ impl DeliveryFilter {
         match self.state {
             None => String::new(),
             Some(DeliveryState::Sending) => " AND d.state = 'sending'".to_owned(),
-            Some(other) => format!(" AND d.state = '{}' AND d.state <> 'sending'", other.as_str()),
+            Some(other) => format!(
+                " AND d.state = '{}' AND d.state <> 'sending'",
+                other.as_str()
+            ),
         }
     }
 }

@@ -72,7 +72,13 @@ async fn the_room_a_claim_finds_is_the_count_of_the_slots_in_the_window_wherever
         let store = store.clone();
         async move {
             store
-                .claim(BusinessId(BUSINESS), now, now + 30_000, limits(send_limit), false)
+                .claim(
+                    BusinessId(BUSINESS),
+                    now,
+                    now + 30_000,
+                    limits(send_limit),
+                    false,
+                )
                 .await
                 .unwrap()
         }
@@ -103,8 +109,8 @@ async fn the_room_a_claim_finds_is_the_count_of_the_slots_in_the_window_wherever
     // At each moment: with the limit at the count, no room; one more, one
     // send (its slot counts from then on).
     for now in [
-        120_000, 149_999, 150_000, 150_001, 150_005, 150_006, 180_000, 209_999, 210_000,
-        210_001, 239_999, 240_000, 269_999, 270_000, 270_002, 300_000,
+        120_000, 149_999, 150_000, 150_001, 150_005, 150_006, 180_000, 209_999, 210_000, 210_001,
+        239_999, 240_000, 269_999, 270_000, 270_002, 300_000,
     ] {
         let used = slots.iter().filter(|&&t| t > now - WINDOW_MS).count() as u32;
         assert!(

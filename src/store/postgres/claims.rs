@@ -46,12 +46,18 @@ macro_rules! slots_in_window {
     ($m:literal) => {
         concat!(
             "((SELECT COALESCE(SUM(n), 0)::int8 FROM quota_counts
-               WHERE business_id = $1 AND method = ", $m, " AND minute > quota_minute($4))
+               WHERE business_id = $1 AND method = ",
+            $m,
+            " AND minute > quota_minute($4))
             + (SELECT COUNT(*) FROM quota_slots q
-               WHERE q.business_id = $1 AND q.method = ", $m, "
+               WHERE q.business_id = $1 AND q.method = ",
+            $m,
+            "
                  AND q.taken_at > $4 AND q.taken_at < quota_minute($4) + 60000)
             + (SELECT COUNT(*) FROM quota_slots q
-               WHERE q.business_id = $1 AND q.method = ", $m, " AND q.taken_at > $5 AND q.taken_at <= $4
+               WHERE q.business_id = $1 AND q.method = ",
+            $m,
+            " AND q.taken_at > $5 AND q.taken_at <= $4
                  AND EXISTS (SELECT 1 FROM deliveries d WHERE d.id = q.delivery_id
                              AND d.claim_token = q.claim_token AND d.state = 'sending')))"
         )
@@ -137,9 +143,15 @@ async fn claim_in(
         MarketMethod::CreateChat.as_str(),
         MarketMethod::SendMessage.as_str(),
     );
-    let (window_start, lease_window_start) = (now - caps.window_ms, now - caps.window_ms - lease_ms);
-    let found: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-        [&business.0, &lookup, &send, &window_start, &lease_window_start];
+    let (window_start, lease_window_start) =
+        (now - caps.window_ms, now - caps.window_ms - lease_ms);
+    let found: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+        &business.0,
+        &lookup,
+        &send,
+        &window_start,
+        &lease_window_start,
+    ];
     if held {
         let sending: i64 = c
             .query_one(&cached(c, ROOM).await?, &found)
