@@ -796,6 +796,34 @@ impl RawDb {
 /// An event of source `oms` with one delivery of `business` to `chat`,
 /// saying `text`: what the store-level tests on PostgreSQL insert.
 #[cfg(postgres_tests)]
+/// The answer to a claimed send at `at`, as the dispatcher records it
+/// (200 if delivered, else 500; counted by the Market's quota).
+pub fn answer(
+    claimed: &chatbridge::store::Claimed,
+    at: i64,
+    verdict: chatbridge::store::Verdict,
+) -> chatbridge::store::Attempt {
+    chatbridge::store::Attempt {
+        delivery_id: claimed.id,
+        claim_token: claimed.claim_token,
+        business_id: claimed.business_id,
+        method: chatbridge::domain::MarketMethod::SendMessage,
+        started_at: at - 10,
+        finished_at: at,
+        latency_ms: 10,
+        http_status: Some(if verdict == chatbridge::store::Verdict::Delivered {
+            200
+        } else {
+            500
+        }),
+        api_errors: Vec::new(),
+        error: None,
+        counts_for_quota: true,
+        window_used_up_until: None,
+        verdict,
+    }
+}
+
 pub fn chat_event(id: &str, business: i64, chat: i64, text: &str) -> chatbridge::store::NewEvent {
     use chatbridge::domain::{BusinessId, ChatId, Target};
     use chatbridge::store::{NewDelivery, NewEvent, RenderedMessage};

@@ -2,7 +2,7 @@
 //! Market answers written at the same moment share one transaction, and
 //! one that fails there must not fail or lose the others.
 
-use chatbridge::domain::{BusinessId, DeliveryState, MarketMethod};
+use chatbridge::domain::{BusinessId, DeliveryState};
 use chatbridge::settings::StorageSettings;
 use chatbridge::store::{
     Attempt, ClaimLimits, DeliveryFilter, Inserted, NewEvent, SharedCaps, Store, Verdict,
@@ -116,20 +116,9 @@ async fn one_bad_answer_among_answers_recorded_together_fails_alone_and_the_othe
     let answers = futures_util::future::join_all(claimed.iter().map(|c| {
         store.record(
             Attempt {
-                delivery_id: c.id,
-                claim_token: c.claim_token,
-                business_id: c.business_id,
-                method: MarketMethod::SendMessage,
-                started_at: 2_100,
-                finished_at: 2_200,
-                latency_ms: 100,
-                http_status: Some(200),
-                api_errors: Vec::new(),
                 // PostgreSQL refuses a NUL character in text.
                 error: (c.id == bad).then(|| "a NUL \0 inside".to_owned()),
-                counts_for_quota: true,
-                window_used_up_until: None,
-                verdict: Verdict::Delivered,
+                ..answer(c, 2_200, Verdict::Delivered)
             },
             2_300,
         )

@@ -5,7 +5,7 @@
 //! never one fewer.
 
 use chatbridge::clock::Millis;
-use chatbridge::domain::{BusinessId, MarketMethod};
+use chatbridge::domain::BusinessId;
 use chatbridge::settings::StorageSettings;
 use chatbridge::store::{Attempt, ClaimLimits, Claimed, SharedCaps, Store, Verdict};
 
@@ -29,23 +29,17 @@ fn limits(send_limit: u32) -> ClaimLimits {
     }
 }
 
-/// The answer to a claimed send, at `at`: counted by the Market, or not
+/// The answer to a claimed send at `at`: counted by the Market, or not
 /// (a call that never left gives its slot back).
-fn answer(claimed: &Claimed, at: Millis, counted: bool) -> Attempt {
-    Attempt {
-        delivery_id: claimed.id,
-        claim_token: claimed.claim_token,
-        business_id: claimed.business_id,
-        method: MarketMethod::SendMessage,
-        started_at: at,
-        finished_at: at,
-        latency_ms: 0,
-        http_status: counted.then_some(200),
-        api_errors: Vec::new(),
-        error: (!counted).then(|| "connection refused".to_owned()),
-        counts_for_quota: counted,
-        window_used_up_until: None,
-        verdict: Verdict::Delivered,
+fn answered(claimed: &Claimed, at: Millis, counted: bool) -> Attempt {
+    match counted {
+        true => answer(claimed, at, Verdict::Delivered),
+        false => Attempt {
+            http_status: None,
+            error: Some("connection refused".to_owned()),
+            counts_for_quota: false,
+            ..answer(claimed, at, Verdict::Delivered)
+        },
     }
 }
 
@@ -99,7 +93,7 @@ async fn the_room_a_claim_finds_is_the_count_of_the_slots_in_the_window_wherever
         let claimed = claim_one(claimed_at, 1000).await;
         assert_eq!(claimed.len(), 1, "claim at {claimed_at}");
         store
-            .record(answer(&claimed[0], answered_at, counted), answered_at)
+            .record(answered(&claimed[0], answered_at, counted), answered_at)
             .await
             .unwrap();
         if counted {
@@ -125,7 +119,7 @@ async fn the_room_a_claim_finds_is_the_count_of_the_slots_in_the_window_wherever
             used + 1
         );
         store
-            .record(answer(&claimed[0], now, true), now)
+            .record(answered(&claimed[0], now, true), now)
             .await
             .unwrap();
         slots.push(now);

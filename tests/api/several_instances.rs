@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatbridge::clock::SystemClock;
-use chatbridge::domain::{BusinessId, MarketMethod};
+use chatbridge::domain::BusinessId;
 use chatbridge::market::fake::{FakeConfig, FakeMarket};
 use chatbridge::settings::{Settings, StorageSettings};
-use chatbridge::store::{Attempt, ClaimLimits, Claimed, NewEvent, SharedCaps, Verdict};
+use chatbridge::store::{ClaimLimits, NewEvent, SharedCaps, Verdict};
 use serde_json::json;
 
 use crate::helpers::*;
@@ -195,29 +195,6 @@ fn limits() -> ClaimLimits {
             lookup_limit: 1000,
             window_ms: 3_600_000,
         },
-    }
-}
-
-/// The answer to a claimed send, as the dispatcher records it.
-fn answer(claimed: &Claimed, at: i64, verdict: Verdict) -> Attempt {
-    Attempt {
-        delivery_id: claimed.id,
-        claim_token: claimed.claim_token,
-        business_id: claimed.business_id,
-        method: MarketMethod::SendMessage,
-        started_at: at - 10,
-        finished_at: at,
-        latency_ms: 10,
-        http_status: Some(if verdict == Verdict::Delivered {
-            200
-        } else {
-            500
-        }),
-        api_errors: Vec::new(),
-        error: None,
-        counts_for_quota: true,
-        window_used_up_until: None,
-        verdict,
     }
 }
 
