@@ -824,6 +824,9 @@ pub fn answer(
     }
 }
 
+/// An event with one delivery to `chat` of `business`, as the PostgreSQL
+/// store tests insert it directly.
+#[cfg(postgres_tests)]
 pub fn chat_event(id: &str, business: i64, chat: i64, text: &str) -> chatbridge::store::NewEvent {
     use chatbridge::domain::{BusinessId, ChatId, Target};
     use chatbridge::store::{NewDelivery, NewEvent, RenderedMessage};

@@ -104,8 +104,43 @@ impl Browser {
             .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
     }
 
+    /// The text of `css`. An element the page replaced between finding it
+    /// and reading it (a script re-rendering, a page still loading) is
+    /// found again rather than failing the test.
     pub async fn text(&self, css: &str) -> String {
-        self.wait(css).await.text().await.unwrap()
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.wait(css).await.text().await {
+                Ok(text) => return text,
+                Err(e) if is_stale(&e) && Instant::now() < deadline => continue,
+                Err(e) => panic!("the text of {css}: {e}"),
+            }
+        }
+    }
+
+    /// Clicks `css` and waits for the page it leads to: a later `wait`
+    /// or `text` must not find its element on the page being left (a
+    /// form's submit or a link does not wait for the next page itself).
+    pub async fn click_to_next_page(&self, css: &str) {
+        let element = self.wait(css).await;
+        self.follow(element).await;
+    }
+
+    /// Clicks `element` and waits until the page it was on is gone.
+    pub async fn follow(&self, element: fantoccini::elements::Element) {
+        let old_page = self.client.find(Locator::Css("html")).await.unwrap();
+        element.click().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match old_page.tag_name().await {
+                Err(e) if is_stale(&e) => return,
+                Err(e) => panic!("waiting for the next page: {e}"),
+                Ok(_) => {
+                    assert!(Instant::now() < deadline, "the click led to no new page");
+                    actix_rt::time::sleep(Duration::from_millis(25)).await;
+                }
+            }
+        }
     }
 
     /// The whole visible text of the page.
@@ -120,7 +155,7 @@ impl Browser {
             .send_keys(ADMIN_TOKEN)
             .await
             .unwrap();
-        self.wait("#login").await.click().await.unwrap();
+        self.click_to_next_page("#login").await;
         self.wait("#config-version").await;
     }
 
@@ -165,4 +200,13 @@ impl Drop for Browser {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
+}
+
+/// The page no longer holds the element (it was replaced, or the page left).
+fn is_stale(error: &fantoccini::error::CmdError) -> bool {
+    matches!(
+        error,
+        fantoccini::error::CmdError::Standard(e)
+            if e.error == fantoccini::error::ErrorStatus::StaleElementReference
+    )
 }

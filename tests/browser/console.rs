@@ -75,7 +75,7 @@ async fn an_operator_finds_a_dead_delivery_reads_the_market_error_and_retries_it
         .select_by_value("dead")
         .await
         .unwrap();
-    browser.wait("#find").await.click().await.unwrap();
+    browser.click_to_next_page("#find").await;
     let listed = browser.text("#deliveries").await;
     assert!(listed.contains(&dead.to_string()), "{listed}");
     assert!(
@@ -83,14 +83,12 @@ async fn an_operator_finds_a_dead_delivery_reads_the_market_error_and_retries_it
         "only dead ones: {listed}"
     );
     browser.screenshot("deliveries").await;
-    browser
+    let link = browser
         .client
         .find(Locator::LinkText(&dead.to_string()))
         .await
-        .unwrap()
-        .click()
-        .await
         .unwrap();
+    browser.follow(link).await;
     let errors = browser.text("#attempts").await;
     assert!(
         errors.contains("CHAT_NOT_FOUND: Чат 5001 не найден") && errors.contains("400"),
@@ -98,7 +96,7 @@ async fn an_operator_finds_a_dead_delivery_reads_the_market_error_and_retries_it
     );
     browser.screenshot("delivery").await;
 
-    browser.wait("#retry").await.click().await.unwrap();
+    browser.click_to_next_page("#retry").await;
     browser.wait("#notice").await;
     reload_until(&browser, "#state", "Доставлено").await;
     let done = app.delivery(dead).await;
@@ -110,7 +108,7 @@ async fn an_operator_finds_a_dead_delivery_reads_the_market_error_and_retries_it
     let second = post(&app, &sample("order_cancelled")).await;
     app.wait_for_state(second, "dead").await;
     browser.goto("/ui/deliveries?state=dead").await;
-    browser.wait("#retry-all").await.click().await.unwrap();
+    browser.click_to_next_page("#retry-all").await;
     let count = browser.wait("#retry-count").await;
     assert_eq!(count.text().await.unwrap(), "1");
     assert_eq!(
@@ -119,7 +117,7 @@ async fn an_operator_finds_a_dead_delivery_reads_the_market_error_and_retries_it
         "the preview changes nothing"
     );
     browser.screenshot("retry-preview").await;
-    browser.wait("#confirm-retry").await.click().await.unwrap();
+    browser.click_to_next_page("#confirm-retry").await;
     assert_eq!(browser.text("#queued-count").await, "1");
     app.wait_for_state(second, "delivered").await;
     browser.close().await;
@@ -290,7 +288,7 @@ async fn a_post_without_the_csrf_token_is_refused_and_logout_ends_the_session() 
         )
         .await
         .unwrap();
-    browser.wait("#retry").await.click().await.unwrap();
+    browser.click_to_next_page("#retry").await;
 
     let error = browser.text("#error").await;
     assert!(error.contains("CSRF"), "refused: {error}");
@@ -302,7 +300,7 @@ async fn a_post_without_the_csrf_token_is_refused_and_logout_ends_the_session() 
     );
 
     browser.goto("/ui/").await;
-    browser.wait("button.link").await.click().await.unwrap();
+    browser.click_to_next_page("button.link").await;
     browser.wait("#token").await;
     browser.goto("/ui/deliveries").await;
     assert_eq!(browser.path().await, "/ui/login", "logged out");
