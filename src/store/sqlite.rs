@@ -212,6 +212,20 @@ CREATE INDEX deliveries_conversation_open ON deliveries (business_id, conversati
 DROP INDEX deliveries_state;
 CREATE INDEX deliveries_state ON deliveries (state, id) WHERE state <> 'sending';
 "#,
+    // The attempts that count for the quota, by time first: keyed by
+    // business, each answer went to the end of its business's range, so a
+    // batch of 30 answers wrote some 25 pages of this index to the WAL
+    // (29 of the 42 frames of a batch of answers; a third of all frames
+    // per message). By time, a batch appends to one page. The window of
+    // one business is read only when the dispatcher first meets it and
+    // by `/admin/queue` for one it has not met; the index covers that
+    // query (`counts_quota` is a column so SQLite needs no row), which
+    // walks the window's entries of all businesses: 5 ms for 106,000.
+    r#"
+DROP INDEX attempts_quota;
+CREATE INDEX attempts_quota ON attempts (finished_at, business_id, method, counts_quota)
+    WHERE counts_quota = 1;
+"#,
 ];
 
 /// The condition, on a delivery `d`, that an earlier delivery of its
@@ -1283,8 +1297,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<Millis>> {
         self.read(move |conn| {
             conn.prepare_cached(
-                "SELECT finished_at FROM attempts
-                 WHERE business_id = ?1 AND method = ?2 AND finished_at > ?3 AND counts_quota = 1
+                "SELECT finished_at FROM attempts INDEXED BY attempts_quota
+                 WHERE finished_at > ?3 AND counts_quota = 1 AND business_id = ?1 AND method = ?2
                  ORDER BY finished_at",
             )
             .and_then(|mut s| {
