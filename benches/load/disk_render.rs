@@ -61,14 +61,14 @@ pub(crate) fn render_rate(report: &mut Report, sample: &Value, secs: f64) -> Res
         n += 100;
     }
     let plan_rate = n as f64 / t0.elapsed().as_secs_f64();
-    let context = event_context(sample, &meta);
+    let context = EventContext::new(sample.clone(), &meta);
     let t0 = Instant::now();
     let mut n = 0u64;
     while t0.elapsed() < budget {
         for _ in 0..100 {
             let text = pipeline
                 .renderer
-                .render_text("order_shipped", &context)
+                .render_text("order_shipped", context.context())
                 .map_err(|e| e.to_string())?;
             std::hint::black_box(&text);
         }

@@ -63,7 +63,7 @@ pub(crate) use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub(crate) use chatbridge::clock::to_rfc3339;
 pub(crate) use chatbridge::domain::{BusinessId, MarketMethod};
 pub(crate) use chatbridge::pipeline::Pipeline;
-pub(crate) use chatbridge::render::{event_context, EventMeta};
+pub(crate) use chatbridge::render::{EventContext, EventMeta};
 pub(crate) use chatbridge::store::{Attempt, ClaimLimits, SqliteStore, Store, Verdict};
 pub(crate) use serde_json::Value;
 pub(crate) use tokio::io::{AsyncReadExt, AsyncWriteExt};

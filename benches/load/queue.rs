@@ -302,7 +302,10 @@ pub(crate) fn queue_phases(
     };
     let text = pipeline
         .renderer
-        .render_text("order_shipped", &event_context(sample, &meta))
+        .render_text(
+            "order_shipped",
+            EventContext::new(sample.clone(), &meta).context(),
+        )
         .map_err(|e| e.to_string())?;
 
     let small = backend.fresh("queue-1k")?;

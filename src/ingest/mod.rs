@@ -308,7 +308,8 @@ async fn accept(
         received_at: to_rfc3339(now),
         business_id: None,
     };
-    let deliveries = deliveries_of(pipeline.plan(&event, &meta));
+    let (planned, event) = pipeline.plan_owned(event, &meta);
+    let deliveries = deliveries_of(planned);
     let reasons = failure_reasons(&deliveries);
     let wake = needs_round(state, &deliveries, now);
     let inserted = state

@@ -303,21 +303,55 @@ fn plain_path(template: &str) -> Option<&str> {
 
 /// The context a template sees: the event's JSON with `_event` beside it.
 /// Built once per event and shared by its routes (Handlebars would copy a
-/// borrowed JSON value into a context of its own at every render).
-pub fn event_context(payload: &Value, meta: &EventMeta) -> Context {
-    let mut context = match payload {
-        Value::Object(map) => map.clone(),
-        other => {
-            let mut map = serde_json::Map::new();
-            map.insert("payload".into(), other.clone());
-            map
+/// borrowed JSON value into a context of its own at every render). Built
+/// from the event's JSON by value, which it hands back afterwards
+/// ([`EventContext::into_payload`]), so a webhook's JSON is not copied.
+pub struct EventContext {
+    context: Context,
+    /// The event's own `_event` member, which the context's hides.
+    shadowed: Option<Value>,
+    /// A payload that is not an object stands in the context as `payload`.
+    wrapped: bool,
+}
+
+impl EventContext {
+    pub fn new(payload: Value, meta: &EventMeta) -> EventContext {
+        let (mut map, wrapped) = match payload {
+            Value::Object(map) => (map, false),
+            other => (
+                serde_json::Map::from_iter([("payload".to_owned(), other)]),
+                true,
+            ),
+        };
+        let shadowed = map.insert(
+            "_event".into(),
+            serde_json::to_value(meta).unwrap_or(Value::Null),
+        );
+        EventContext {
+            context: Context::from(Value::Object(map)),
+            shadowed,
+            wrapped,
         }
-    };
-    context.insert(
-        "_event".into(),
-        serde_json::to_value(meta).unwrap_or(Value::Null),
-    );
-    Context::from(Value::Object(context))
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.context
+    }
+
+    /// The event's JSON as it was given to [`EventContext::new`].
+    pub fn into_payload(mut self) -> Value {
+        let Value::Object(mut map) = std::mem::take(self.context.data_mut()) else {
+            return Value::Null;
+        };
+        match self.shadowed {
+            Some(own) => map.insert("_event".into(), own),
+            None => map.remove("_event"),
+        };
+        match self.wrapped {
+            true => map.remove("payload").unwrap_or(Value::Null),
+            false => Value::Object(map),
+        }
+    }
 }
 
 fn id_template_name(route: &str, field: &str) -> String {
@@ -448,6 +482,28 @@ mod tests {
         std::fs::write(dir.path().join(format!("{name}.hbs")), source).unwrap();
         let r = Renderer::load(dir.path()).unwrap();
         (dir, r)
+    }
+
+    #[test]
+    fn the_event_context_hands_back_the_payload_it_was_built_from() {
+        let meta = EventMeta {
+            source: "oms".into(),
+            event_type: "t".into(),
+            id: "e".into(),
+            received_at: "2026-01-01T00:00:00Z".into(),
+            business_id: None,
+        };
+        for payload in [
+            json!({"a": 1}),
+            json!({"a": 1, "_event": {"own": true}}),
+            json!({"payload": 2}),
+            json!([1, 2]),
+            json!("text"),
+        ] {
+            let context = EventContext::new(payload.clone(), &meta);
+            assert_eq!(context.context().data()["_event"]["source"], "oms");
+            assert_eq!(context.into_payload(), payload);
+        }
     }
 
     #[test]

@@ -648,6 +648,26 @@ async fn a_repeat_with_other_key_order_and_spacing_is_still_a_duplicate() {
 }
 
 #[actix_rt::test]
+async fn an_event_with_its_own_event_member_is_compared_as_sent_when_repeated() {
+    // Templates see chatbridge's `_event` in place of the event's own; the
+    // duplicate check must still compare the event as it was posted.
+    let app = spawn_app().await;
+    let mut event = sample_as("order_shipped", "evt-own-meta", None);
+    event["_event"] = serde_json::json!({"origin": "oms", "seq": 7});
+    let (first, body) = app.post_event("oms", &event).await;
+    assert_eq!(first, 202, "{body}");
+    let (again, body) = app.post_event("oms", &event).await;
+    assert_eq!(again, 200, "the same event again: {body}");
+    assert_eq!(body["duplicate"], true, "{body}");
+
+    event["_event"]["seq"] = serde_json::json!(8);
+    let (other, body) = app.post_event("oms", &event).await;
+    assert_eq!(other, 409, "another event under that id: {body}");
+    assert_eq!(body["error"]["code"], "event_id_conflict", "{body}");
+    app.stop().await;
+}
+
+#[actix_rt::test]
 async fn two_different_events_racing_with_one_id_store_one_and_refuse_the_other() {
     let app = spawn_app().await;
     for round in 0..8 {
