@@ -9,7 +9,7 @@
 //! a thread of their own (`checkpointer`), not on the writer's commits.
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, LazyLock, Mutex};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -863,24 +863,12 @@ fn claim_heads(
     if limit == 0 {
         return Ok(Vec::new());
     }
-    // The earliest open delivery of each conversation goes first: a later
-    // one waits while an earlier one is queued, sending or held.
-    let sql = format!(
-        "SELECT {CLAIMED_COLUMNS} FROM deliveries d INDEXED BY {}
-         WHERE d.state = 'queued' AND d.business_id = ?1 AND d.next_attempt_at <= ?2
-           AND d.chat_id IS {} NULL
-           AND NOT {}
-         ORDER BY d.next_attempt_at, d.id LIMIT ?3",
-        if lookups {
-            "deliveries_due_lookup"
-        } else {
-            "deliveries_due"
-        },
-        if lookups { "" } else { "NOT" },
-        behind_in_conversation!()
-    );
+    let sql = match lookups {
+        true => &CLAIM_HEADS_SQL.0,
+        false => &CLAIM_HEADS_SQL.1,
+    };
     let rows: Vec<Claimed> = conn
-        .prepare_cached(&sql)
+        .prepare_cached(sql)
         .and_then(|mut s| {
             s.query_map(params![business.0, now, limit as i64], claimed_row)?
                 .collect()
@@ -888,6 +876,27 @@ fn claim_heads(
         .map_err(db_error)?;
     lease(conn, rows, DeliveryState::Queued, lease_until, now)
 }
+
+/// `claim_heads` of deliveries whose chat is still to be found, and of
+/// those with a chat: written once, not at every claim of every business.
+/// The earliest open delivery of each conversation goes first: a later
+/// one waits while an earlier one is queued, sending or held.
+static CLAIM_HEADS_SQL: LazyLock<(String, String)> = LazyLock::new(|| {
+    let sql = |index: &str, chat: &str| {
+        format!(
+            "SELECT {CLAIMED_COLUMNS} FROM deliveries d INDEXED BY {index}
+             WHERE d.state = 'queued' AND d.business_id = ?1 AND d.next_attempt_at <= ?2
+               AND d.chat_id IS {chat} NULL
+               AND NOT {}
+             ORDER BY d.next_attempt_at, d.id LIMIT ?3",
+            behind_in_conversation!()
+        )
+    };
+    (
+        sql("deliveries_due_lookup", ""),
+        sql("deliveries_due", "NOT"),
+    )
+});
 
 /// What a claim reads of a delivery (`d`), in the order `claimed_row` takes.
 const CLAIMED_COLUMNS: &str = "d.id, d.route, d.business_id, d.chat_id, d.text, d.attempts, \
