@@ -305,10 +305,6 @@ impl Store for Watched {
         self.watch(Read, self.inner.recent_events(limit)).await
     }
 
-    async fn sends_per_business(&self, since: Millis) -> StoreResult<Vec<(i64, i64)>> {
-        self.watch(Read, self.inner.sends_per_business(since)).await
-    }
-
     async fn requeue(&self, id: i64, message: RenderedMessage, now: Millis) -> StoreResult<()> {
         self.watch(Write, self.inner.requeue(id, message, now))
             .await

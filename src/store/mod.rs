@@ -558,8 +558,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<StoredEvent>>;
     /// The most recent events, newest first (for a reload's regression check).
     async fn recent_events(&self, limit: usize) -> StoreResult<Vec<StoredEvent>>;
-    /// Quota-counted sends (`chats/message`) per business after `since`.
-    async fn sends_per_business(&self, since: Millis) -> StoreResult<Vec<(i64, i64)>>;
     /// Puts a failed, dead or cancelled delivery back in the queue with new text.
     async fn requeue(&self, id: i64, message: RenderedMessage, now: Millis) -> StoreResult<()>;
     /// Marks a delivery failed again (it still does not render).

@@ -1171,24 +1171,6 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn sends_per_business(&self, since: Millis) -> StoreResult<Vec<(i64, i64)>> {
-        self.with(move |c| {
-            Box::pin(async move {
-                Ok(c.query(
-                    "SELECT business_id, COUNT(*) FROM attempts
-                     WHERE counts_quota AND method = 'send' AND finished_at > $1 GROUP BY business_id",
-                    &[&since],
-                )
-                .await
-                .map_err(db_error)?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect())
-            })
-        })
-        .await
-    }
-
     async fn requeue(&self, id: i64, message: RenderedMessage, now: Millis) -> StoreResult<()> {
         self.with(move |client| {
             Box::pin(async move {

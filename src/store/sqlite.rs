@@ -1492,21 +1492,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn sends_per_business(&self, since: Millis) -> StoreResult<Vec<(i64, i64)>> {
-        self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT business_id, COUNT(*) FROM attempts
-                 WHERE counts_quota = 1 AND method = 'send' AND finished_at > ?1 GROUP BY business_id",
-            )
-            .and_then(|mut s| {
-                s.query_map([since], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect()
-            })
-            .map_err(db_error)
-        })
-        .await
-    }
-
     async fn requeue(&self, id: i64, message: RenderedMessage, now: Millis) -> StoreResult<()> {
         self.write(move |conn| {
             // The chat of an order is looked up again: a delivery that died

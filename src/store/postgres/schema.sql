@@ -202,3 +202,9 @@ CREATE TRIGGER quota_counts_update AFTER UPDATE ON quota_slots
     FOR EACH STATEMENT EXECUTE FUNCTION quota_counts_follow();
 CREATE TRIGGER quota_counts_delete AFTER DELETE ON quota_slots
     REFERENCING OLD TABLE AS old_slots FOR EACH STATEMENT EXECUTE FUNCTION quota_counts_follow();
+
+-- migration 9
+-- Nothing reads the attempts by business and time (the quota is counted
+-- in quota_slots), yet every answer recorded wrote an entry of this
+-- index, on the page of its business.
+DROP INDEX attempts_quota;
