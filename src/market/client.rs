@@ -66,7 +66,12 @@ pub struct MarketClient {
 
 impl MarketClient {
     pub fn new(base_url: &str, timeout: Duration) -> Self {
+        // A redirect is an answer, not a way on: followed, a 307 would carry
+        // the message and the seller's Api-Key to wherever it points, and
+        // its 200 would count as delivered (a 301 or 302 turns the POST
+        // into a GET). The delivery is refused with the 3xx status instead.
         let http = awc::Client::builder()
+            .disable_redirects()
             .timeout(timeout)
             .add_default_header((
                 HEADER_INTEGRATION,

@@ -152,6 +152,63 @@ async fn a_400_makes_the_delivery_dead_with_the_markets_code_and_message() {
 }
 
 #[actix_rt::test]
+async fn a_redirect_is_not_followed_so_the_key_goes_nowhere_else_and_the_delivery_is_dead() {
+    // An address that answers every call with 307 to another of its paths,
+    // which would answer 200: followed, the message and the seller's
+    // Api-Key would go there and the delivery would count as delivered.
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let followed = Arc::new(AtomicUsize::new(0));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counter = followed.clone();
+    let server = HttpServer::new(move || {
+        let counter = counter.clone();
+        App::new()
+            .route(
+                "/elsewhere",
+                web::to(move || {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    async { HttpResponse::Ok().json(json!({"status": "OK"})) }
+                }),
+            )
+            .default_service(web::to(move || async move {
+                HttpResponse::TemporaryRedirect()
+                    .insert_header(("Location", format!("http://{addr}/elsewhere")))
+                    .finish()
+            }))
+    })
+    .workers(1)
+    .listen(listener)
+    .unwrap()
+    .run();
+    let server_handle = server.handle();
+    actix_rt::spawn(server);
+    let (mut options, _clock) = manual_clock();
+    options.tweak = Some(Box::new(move |s| {
+        s.market.base_url = format!("http://{addr}");
+    }));
+    let app = spawn_app_with(options).await;
+
+    let id = post(&app, &sample("order_shipped")).await;
+    let dead = app.wait_for_state(id, "dead").await;
+
+    assert_eq!(attempts(&dead)[0]["http_status"], 307, "{dead:#}");
+    let reason = dead["delivery"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("307"),
+        "the reason names the status: {reason}"
+    );
+    assert_eq!(
+        followed.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
+    app.stop().await;
+    server_handle.stop(true).await;
+}
+
+#[actix_rt::test]
 async fn a_404_without_error_codes_is_dead_and_names_the_status() {
     let (options, _clock) = manual_clock();
     let app = spawn_app_with(options).await;
