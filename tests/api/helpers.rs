@@ -793,11 +793,9 @@ impl RawDb {
     }
 }
 
-/// An event of source `oms` with one delivery of `business` to `chat`,
-/// saying `text`: what the store-level tests on PostgreSQL insert.
-#[cfg(postgres_tests)]
 /// The answer to a claimed send at `at`, as the dispatcher records it
 /// (200 if delivered, else 500; counted by the Market's quota).
+#[cfg(postgres_tests)]
 pub fn answer(
     claimed: &chatbridge::store::Claimed,
     at: i64,
@@ -824,8 +822,8 @@ pub fn answer(
     }
 }
 
-/// An event with one delivery to `chat` of `business`, as the PostgreSQL
-/// store tests insert it directly.
+/// An event of source `oms` with one delivery of `business` to `chat`,
+/// saying `text`: what the store-level tests on PostgreSQL insert.
 #[cfg(postgres_tests)]
 pub fn chat_event(id: &str, business: i64, chat: i64, text: &str) -> chatbridge::store::NewEvent {
     use chatbridge::domain::{BusinessId, ChatId, Target};
