@@ -2,7 +2,7 @@
 //! Market answers written at the same moment share one transaction, and
 //! one that fails there must not fail or lose the others.
 
-use chatbridge::domain::{BusinessId, DeliveryState};
+use chatbridge::domain::{BusinessId, DeliveryState, MarketMethod};
 use chatbridge::settings::StorageSettings;
 use chatbridge::store::{
     Attempt, ClaimLimits, DeliveryFilter, Inserted, NewEvent, SharedCaps, Store, Verdict,
@@ -145,4 +145,117 @@ async fn one_bad_answer_among_answers_recorded_together_fails_alone_and_the_othe
             }
         }
     }
+}
+
+/// Answers recorded together are written by one statement per kind
+/// (`src/store/postgres/pipelined.rs`): each must still come out as it
+/// would alone: its state, its attempt, its quota slot kept or given
+/// back, its pause, and nothing changed for an answer whose claim is over.
+#[actix_rt::test]
+async fn answers_of_every_kind_recorded_together_each_come_out_as_they_would_alone() {
+    let database = TestDatabase::create().await;
+    let store = open(&database.url);
+    for i in 0..8 {
+        store
+            .insert_event(message(&format!("k-{i}"), 7200 + i, "hello"))
+            .await
+            .unwrap();
+    }
+    let limits = ClaimLimits {
+        sends: 8,
+        chat_lookups: 8,
+        total: 8,
+        caps: SharedCaps {
+            max_in_flight: 8,
+            send_limit: 1000,
+            lookup_limit: 1000,
+            window_ms: 3_600_000,
+        },
+    };
+    let claimed = store
+        .claim(BusinessId(444), 2_000, 60_000, limits, false)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 8);
+    let c = &claimed;
+    let answers = vec![
+        answer(&c[0], 2_200, Verdict::Delivered),
+        answer(
+            &c[1],
+            2_200,
+            Verdict::Retry {
+                at: 9_000,
+                reason: "Market answered 500".into(),
+            },
+        ),
+        answer(
+            &c[2],
+            2_200,
+            Verdict::Dead {
+                reason: "Market answered 400".into(),
+            },
+        ),
+        // A 420: the Market did not count the call; its slot is given back.
+        Attempt {
+            counts_for_quota: false,
+            ..answer(&c[3], 2_200, Verdict::Throttled { until: 50_000 })
+        },
+        // Its claim was taken over: an attempt, nothing else changes.
+        Attempt {
+            claim_token: c[4].claim_token + 1_000_000,
+            ..answer(&c[4], 2_200, Verdict::Delivered)
+        },
+        // The window used up: the sends pause.
+        Attempt {
+            window_used_up_until: Some(70_000),
+            ..answer(&c[5], 2_200, Verdict::Delivered)
+        },
+        answer(&c[6], 2_300, Verdict::Delivered),
+        answer(&c[7], 2_300, Verdict::Delivered),
+    ];
+    let recorded =
+        futures_util::future::join_all(answers.into_iter().map(|a| store.record(a, 2_400))).await;
+    for r in recorded {
+        r.unwrap();
+    }
+
+    let expected = [
+        (DeliveryState::Delivered, None, 1),
+        (DeliveryState::Queued, Some("Market answered 500"), 1),
+        (DeliveryState::Dead, Some("Market answered 400"), 1),
+        (DeliveryState::Queued, None, 0),
+        (DeliveryState::Sending, None, 0),
+        (DeliveryState::Delivered, None, 1),
+        (DeliveryState::Delivered, None, 1),
+        (DeliveryState::Delivered, None, 1),
+    ];
+    for (c, (state, reason, counted)) in claimed.iter().zip(expected) {
+        let (delivery, attempts) = store.delivery(c.id).await.unwrap().unwrap();
+        assert_eq!(delivery.state, state, "delivery {}", c.id);
+        assert_eq!(delivery.reason.as_deref(), reason, "delivery {}", c.id);
+        assert_eq!(delivery.attempts, counted, "delivery {}", c.id);
+        assert_eq!(attempts.len(), 1, "delivery {}: one attempt each", c.id);
+    }
+    let (retried, _) = store.delivery(claimed[1].id).await.unwrap().unwrap();
+    assert_eq!(
+        retried.next_attempt_at,
+        chatbridge::clock::to_rfc3339(9_000),
+        "the retry waits until its time"
+    );
+    // Slots: each counted call's moved to its answer (the taken-over
+    // one's claim slot stays where it was, and its answer adds one), the
+    // 420's given back.
+    let slots = store
+        .calls_since(BusinessId(444), MarketMethod::SendMessage, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        slots,
+        vec![2_000, 2_200, 2_200, 2_200, 2_200, 2_200, 2_300, 2_300],
+        "quota slots"
+    );
+    let pauses = store.method_pauses(BusinessId(444), 2_400).await.unwrap();
+    assert_eq!(pauses.len(), 1, "{pauses:?}");
+    assert_eq!(pauses[0].method, MarketMethod::SendMessage);
+    assert_eq!(pauses[0].until, 70_000);
 }

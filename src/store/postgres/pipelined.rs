@@ -1,10 +1,19 @@
 //! A batch in one round trip: when no write of a batch needs to read
 //! before it writes (an event whose chats are all known and that is not
 //! ordered against other events, and any record but a `chats/new` one),
-//! BEGIN, the locks, the notifications, every write (an event and its
-//! deliveries in one statement, a record's statements side by side) and
-//! COMMIT are sent to the server together, and the batch waits once for
-//! the server (and its fsync), not once per step.
+//! BEGIN, the locks, the notifications, the writes and COMMIT are sent to
+//! the server together, and the batch waits once for the server (and its
+//! fsync), not once per step.
+//!
+//! Each kind of write goes as one statement for the whole batch, its
+//! values in arrays: every event and its deliveries in one, every answer's
+//! attempt in one, every quota slot kept in one and given back in one,
+//! every delivery's new state in one. The server's cost of a statement
+//! (its executor started, its triggers fired: the quota counts' trigger
+//! runs once per statement) is paid once per batch, not once per write:
+//! with a statement per write the database's CPU, not the service's, set
+//! the PostgreSQL rate (see README "Performance"). Rows are written in
+//! the order the writes arrived (ids from the sequences in that order).
 //!
 //! The notifications go out before the writes (they are delivered only on
 //! commit, so nobody is woken before the work is visible): to every
@@ -16,37 +25,54 @@
 //! COMMIT into a rollback; then the batch is reported failed (and its
 //! writes run again alone, see `batch.rs`), never as stored.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
 use futures_util::future::{maybe_done, MaybeDone};
-use tokio_postgres::Statement;
 
 use super::writes::{
-    cached, event_businesses, ATTEMPT_SQL, PAUSE_SQL, SLOT_GIVE_SQL, SLOT_KEEP_SQL, UPDATE_SQL,
+    cached, event_businesses, RecordColumns, ATTEMPTS_SQL, PAUSE_SQL, SLOTS_GIVE_SQL,
+    SLOTS_KEEP_SQL, UPDATES_SQL,
 };
 use super::*;
 
-/// One event and its deliveries in one statement: the event's id (none if
-/// its key is stored already) and its deliveries' ids in their order.
-const EVENT_SQL: &str = "WITH e AS (
+/// Every event of the batch and its deliveries in one statement: per event
+/// (in the order given, `n`), its id (none if its key is stored already)
+/// and its deliveries' ids in their order. An event's deliveries name it
+/// by its place in the batch (`$7`).
+const EVENTS_SQL: &str = "WITH x AS (
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[])
+            WITH ORDINALITY AS x(source, external_id, event_type, payload, received_at,
+                                 business_id, n)),
+    e AS (
         INSERT INTO events (source, external_id, event_type, payload, received_at, business_id)
-        VALUES ($1, $2, $3, $4, $5, $6)
+        SELECT source, external_id, event_type, payload, received_at, business_id
+        FROM x ORDER BY n
         ON CONFLICT (source, external_id) DO NOTHING
-        RETURNING id),
+        RETURNING id, source, external_id),
+    xe AS (
+        SELECT x.n, x.received_at, e.id FROM x
+        JOIN e ON e.source = x.source AND e.external_id = x.external_id),
     d AS (
         INSERT INTO deliveries (event_id, route, template, business_id, chat_id, text, state,
             reason, created_at, queued_at, next_attempt_at, updated_at, conversation)
-        SELECT e.id, x.route, x.template, x.business_id, x.chat_id, x.text, x.state,
-            x.reason, $5, $5, $5, $5, x.conversation
-        FROM e, unnest($7::text[], $8::text[], $9::int8[], $10::int8[], $11::text[],
-                       $12::text[], $13::text[], $14::text[])
-            WITH ORDINALITY AS x(route, template, business_id, chat_id, text, state, reason,
-                                 conversation, n)
-        ORDER BY x.n
-        RETURNING id)
-    SELECT (SELECT id FROM e), ARRAY(SELECT id FROM d ORDER BY id)";
+        SELECT xe.id, y.route, y.template, y.business_id, y.chat_id, y.text, y.state,
+            y.reason, xe.received_at, xe.received_at, xe.received_at, xe.received_at,
+            y.conversation
+        FROM unnest($7::int8[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::text[],
+                    $13::text[], $14::text[], $15::text[])
+            WITH ORDINALITY AS y(event_n, route, template, business_id, chat_id, text, state,
+                                 reason, conversation, m)
+        JOIN xe ON xe.n = y.event_n
+        ORDER BY y.m
+        RETURNING id, event_id)
+    SELECT x.n, xe.id, COALESCE(ds.ids, '{}')
+    FROM x LEFT JOIN xe ON xe.n = x.n
+    LEFT JOIN (SELECT event_id, array_agg(id ORDER BY id) AS ids FROM d GROUP BY event_id) ds
+        ON ds.event_id = xe.id
+    ORDER BY x.n";
 
 /// Whether the event is written by one statement that reads nothing
 /// first: not ordered against other events (`later_news`), and no
@@ -66,37 +92,43 @@ pub(super) enum Written {
     Record,
 }
 
-type Step<'a, T> = Pin<Box<MaybeDone<Pin<Box<dyn Future<Output = StoreResult<T>> + Send + 'a>>>>>;
-
-fn step<'a, T>(f: impl Future<Output = StoreResult<T>> + Send + 'a) -> Step<'a, T> {
-    Box::pin(maybe_done(
-        Box::pin(f) as Pin<Box<dyn Future<Output = _> + Send + 'a>>
-    ))
+/// A write of a pipelined batch.
+pub(super) enum Item<'a> {
+    Event(&'a NewEvent),
+    Record(&'a Attempt, Millis),
 }
 
-/// A write's statements, each sent on its first poll.
-fn event_step<'a>(
-    client: &'a tokio_postgres::Client,
-    stmt: Statement,
-    event: &'a NewEvent,
-) -> Step<'a, Option<Written>> {
-    step(async move {
-        let n = event.deliveries.len();
-        let (mut routes, mut templates, mut businesses, mut chats, mut texts) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut states, mut reasons, mut conversations) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
+/// The batch's events as the columns of [`EVENTS_SQL`].
+#[derive(Default)]
+struct EventColumns<'a> {
+    sources: Vec<&'a str>,
+    external_ids: Vec<&'a str>,
+    types: Vec<&'a str>,
+    payloads: Vec<&'a str>,
+    received: Vec<Millis>,
+    businesses: Vec<Option<i64>>,
+    // Their deliveries, each with its event's place (from 1).
+    event_n: Vec<i64>,
+    routes: Vec<&'a str>,
+    templates: Vec<&'a str>,
+    delivery_businesses: Vec<Option<i64>>,
+    chats: Vec<Option<i64>>,
+    texts: Vec<Option<&'a str>>,
+    states: Vec<&'static str>,
+    reasons: Vec<Option<&'a str>>,
+    conversations: Vec<Option<String>>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn push(&mut self, event: &'a NewEvent) {
+        self.sources.push(&event.source);
+        self.external_ids.push(&event.external_id);
+        self.types.push(&event.event_type);
+        self.payloads.push(&event.payload);
+        self.received.push(event.received_at);
+        self.businesses.push(event.business_id.map(|b| b.0));
+        let n = self.sources.len() as i64;
         for d in &event.deliveries {
-            routes.push(d.route.as_str());
-            templates.push(d.template.as_str());
             let (business, target, text, state, reason) = match &d.rendered {
                 Ok(m) => (
                     Some(m.business_id.0),
@@ -117,140 +149,75 @@ fn event_step<'a>(
                 Some(Target::Chat(chat)) => Some(chat),
                 _ => None,
             };
-            businesses.push(business);
-            chats.push(chat.map(|c| c.0));
-            texts.push(text);
-            states.push(state.as_str());
-            reasons.push(reason);
-            conversations.push(chat.and_then(|c| crate::domain::conversation_key(Some(c), None)));
+            self.event_n.push(n);
+            self.routes.push(&d.route);
+            self.templates.push(&d.template);
+            self.delivery_businesses.push(business);
+            self.chats.push(chat.map(|c| c.0));
+            self.texts.push(text);
+            self.states.push(state.as_str());
+            self.reasons.push(reason);
+            self.conversations
+                .push(chat.and_then(|c| crate::domain::conversation_key(Some(c), None)));
         }
-        let row = client
-            .query_one(
-                &stmt,
-                &[
-                    &event.source,
-                    &event.external_id,
-                    &event.event_type,
-                    &event.payload,
-                    &event.received_at,
-                    &event.business_id.map(|b| b.0),
-                    &routes,
-                    &templates,
-                    &businesses,
-                    &chats,
-                    &texts,
-                    &states,
-                    &reasons,
-                    &conversations,
-                ],
-            )
-            .await
-            .map_err(db_error)?;
-        let id: Option<i64> = row.get(0);
-        Ok(Some(Written::Event(id.map(|id| (id, row.get(1))))))
-    })
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 15] {
+        [
+            &self.sources,
+            &self.external_ids,
+            &self.types,
+            &self.payloads,
+            &self.received,
+            &self.businesses,
+            &self.event_n,
+            &self.routes,
+            &self.templates,
+            &self.delivery_businesses,
+            &self.chats,
+            &self.texts,
+            &self.states,
+            &self.reasons,
+            &self.conversations,
+        ]
+    }
 }
 
-struct RecordStatements {
-    attempt: Statement,
-    slot_keep: Statement,
-    slot_give: Statement,
-    pause: Statement,
-    update: Statement,
+/// What a statement of the batch gave back.
+enum Answer {
+    Nothing,
+    /// Per event in order: its id and its deliveries' ids, or `None`.
+    Events(Vec<Option<(i64, Vec<i64>)>>),
+    /// The (delivery, claim token) pairs whose state an answer changed.
+    Updated(Vec<(i64, i64)>),
 }
 
-fn record_step<'a>(
+type Step<'a> = Pin<Box<MaybeDone<Pin<Box<dyn Future<Output = StoreResult<Answer>> + Send + 'a>>>>>;
+
+fn step<'a>(f: impl Future<Output = StoreResult<Answer>> + Send + 'a) -> Step<'a> {
+    Box::pin(maybe_done(
+        Box::pin(f) as Pin<Box<dyn Future<Output = _> + Send + 'a>>
+    ))
+}
+
+/// A statement whose answer is only whether it ran.
+fn run_step<'a>(
     client: &'a tokio_postgres::Client,
-    s: &'a RecordStatements,
-    attempt: &'a Attempt,
-    now: Millis,
-) -> Step<'a, Option<Written>> {
+    statement: &'a tokio_postgres::Statement,
+    params: Vec<&'a (dyn ToSql + Sync)>,
+) -> Step<'a> {
     step(async move {
-        let errors = serde_json::to_string(&attempt.api_errors).unwrap_or_else(|_| "[]".into());
-        let (status, outcome_name, method) = (
-            attempt.http_status.map(i32::from),
-            attempt.verdict.outcome_name(),
-            attempt.method.as_str(),
-        );
-        let attempt_params: [&(dyn ToSql + Sync); 11] = [
-            &attempt.delivery_id,
-            &attempt.business_id.0,
-            &attempt.started_at,
-            &attempt.finished_at,
-            &attempt.latency_ms,
-            &status,
-            &outcome_name,
-            &errors,
-            &attempt.error,
-            &attempt.counts_for_quota,
-            &method,
-        ];
-        let keep_params: [&(dyn ToSql + Sync); 5] = [
-            &attempt.claim_token,
-            &attempt.delivery_id,
-            &attempt.business_id.0,
-            &method,
-            &attempt.finished_at,
-        ];
-        let give_params: [&(dyn ToSql + Sync); 1] = [&attempt.claim_token];
-        let pauses: Vec<(Millis, &'static str)> = pauses_of(attempt)
-            .into_iter()
-            .map(|(until, reason)| (until, reason.as_str()))
-            .collect();
-        let pause_params: Vec<[&(dyn ToSql + Sync); 4]> = pauses
-            .iter()
-            .map(|(until, reason)| {
-                [
-                    &attempt.business_id.0 as &(dyn ToSql + Sync),
-                    &method,
-                    until,
-                    reason,
-                ]
-            })
-            .collect();
-        let (state, reason, next, delivered_at, counted) = attempt.outcome(now);
-        let state = state.as_str();
-        let update_params: [&(dyn ToSql + Sync); 8] = [
-            &attempt.delivery_id,
-            &state,
-            &reason,
-            &next,
-            &delivered_at,
-            &counted,
-            &now,
-            &attempt.claim_token,
-        ];
-        let insert = client.execute(&s.attempt, &attempt_params);
-        let slot = match attempt.counts_for_quota {
-            true => client.execute(&s.slot_keep, &keep_params),
-            false => client.execute(&s.slot_give, &give_params),
-        };
-        let paused = futures_util::future::join_all(
-            pause_params.iter().map(|p| client.execute(&s.pause, p)),
-        );
-        let update = client.execute(&s.update, &update_params);
-        // Joined, each is sent when first polled: in this order.
-        let (inserted, slot, paused, changed) =
-            futures_util::future::join4(insert, slot, paused, update).await;
-        inserted.map_err(db_error)?;
-        slot.map_err(db_error)?;
-        for p in paused {
-            p.map_err(db_error)?;
-        }
-        let changed = changed.map_err(db_error)?;
-        if changed == 0 {
-            tracing::warn!(
-                delivery = attempt.delivery_id,
-                "an answer came after the delivery's lease was taken over; recorded as an attempt only"
-            );
-        }
-        Ok(Some(Written::Record))
+        client
+            .execute(statement, &params)
+            .await
+            .map(|_| Answer::Nothing)
+            .map_err(db_error)
     })
 }
 
 /// Polls every step until all are done, each first in the order given:
 /// that first poll sends its statements, so they reach the server in order.
-async fn run_in_order<T>(steps: &mut [Step<'_, T>]) {
+async fn run_in_order(steps: &mut [Step<'_>]) {
     std::future::poll_fn(|cx| {
         let mut pending = false;
         for s in steps.iter_mut() {
@@ -264,35 +231,20 @@ async fn run_in_order<T>(steps: &mut [Step<'_, T>]) {
     .await
 }
 
-/// A write of a pipelined batch.
-pub(super) enum Item<'a> {
-    Event(&'a NewEvent),
-    Record(&'a Attempt, Millis),
-}
-
 /// The batch in one transaction, sent at once. `Err` when any statement
 /// failed (nothing of the batch is stored) or the commit did.
 pub(super) async fn write_pipelined(
     client: &Object,
     items: &[Item<'_>],
 ) -> StoreResult<Vec<Written>> {
-    // Prepared first: a statement prepared while the batch is being sent
-    // would go out after the COMMIT.
-    let lock = cached(client, super::writes::LOCK_SHARED_SQL).await?;
-    let notify = cached(client, super::writes::NOTIFY_SQL).await?;
-    let event = cached(client, EVENT_SQL).await?;
-    let records = RecordStatements {
-        attempt: cached(client, ATTEMPT_SQL).await?,
-        slot_keep: cached(client, SLOT_KEEP_SQL).await?,
-        slot_give: cached(client, SLOT_GIVE_SQL).await?,
-        pause: cached(client, PAUSE_SQL).await?,
-        update: cached(client, UPDATE_SQL).await?,
-    };
+    let mut events = EventColumns::default();
+    let mut records = RecordColumns::default();
     let mut businesses = Vec::new();
     let mut due: Vec<Option<i64>> = Vec::new();
     for item in items {
         match item {
             Item::Event(e) => {
+                events.push(e);
                 businesses.extend(event_businesses(e));
                 due.extend(
                     e.deliveries
@@ -301,7 +253,10 @@ pub(super) async fn write_pipelined(
                         .map(|m| Some(m.business_id.0)),
                 );
             }
-            Item::Record(a, _) => due.push(Some(a.business_id.0)),
+            Item::Record(a, now) => {
+                records.push(a, *now);
+                due.push(Some(a.business_id.0));
+            }
         }
     }
     businesses.sort_unstable();
@@ -312,57 +267,112 @@ pub(super) async fn write_pipelined(
         .iter()
         .map(|b| b.map(|b| b.to_string()).unwrap_or_default())
         .collect();
+
+    // Prepared first: a statement prepared while the batch is being sent
+    // would go out after the COMMIT.
+    let lock = cached(client, super::writes::LOCK_SHARED_SQL).await?;
+    let notify = cached(client, super::writes::NOTIFY_SQL).await?;
+    let write_events = cached(client, EVENTS_SQL).await?;
+    let attempts = cached(client, ATTEMPTS_SQL).await?;
+    let keep = cached(client, SLOTS_KEEP_SQL).await?;
+    let give = cached(client, SLOTS_GIVE_SQL).await?;
+    let pause = cached(client, PAUSE_SQL).await?;
+    let update = cached(client, UPDATES_SQL).await?;
+
     let client: &tokio_postgres::Client = client;
-    let mut steps: Vec<Step<'_, Option<Written>>> = vec![step(async {
-        client
-            .batch_execute("BEGIN")
-            .await
-            .map(|_| None)
-            .map_err(db_error)
-    })];
-    if !businesses.is_empty() {
-        steps.push(step(async {
+    let transaction = |sql: &'static str| {
+        step(async move {
             client
-                .execute(&lock, &[&BUSINESS_LOCK, &businesses])
+                .batch_execute(sql)
                 .await
-                .map(|_| None)
+                .map(|_| Answer::Nothing)
                 .map_err(db_error)
-        }));
+        })
+    };
+    let mut steps: Vec<Step<'_>> = vec![transaction("BEGIN")];
+    if !businesses.is_empty() {
+        steps.push(run_step(client, &lock, vec![&BUSINESS_LOCK, &businesses]));
     }
     if !payloads.is_empty() {
-        steps.push(step(async {
-            client
-                .execute(&notify, &[&listen::CHANNEL, &payloads])
-                .await
-                .map(|_| None)
-                .map_err(db_error)
+        steps.push(run_step(client, &notify, vec![&listen::CHANNEL, &payloads]));
+    }
+    if !events.sources.is_empty() {
+        let (statement, params) = (&write_events, events.params());
+        steps.push(step(async move {
+            let rows = client.query(statement, &params).await.map_err(db_error)?;
+            Ok(Answer::Events(
+                rows.iter()
+                    .map(|r| r.get::<_, Option<i64>>(1).map(|id| (id, r.get(2))))
+                    .collect(),
+            ))
         }));
     }
-    for item in items {
-        steps.push(match item {
-            Item::Event(e) => event_step(client, event.clone(), e),
-            Item::Record(a, now) => record_step(client, &records, a, *now),
-        });
+    if !records.delivery_ids.is_empty() {
+        steps.push(run_step(
+            client,
+            &attempts,
+            records.attempt_params().to_vec(),
+        ));
+        if !records.keep_tokens.is_empty() {
+            steps.push(run_step(client, &keep, records.keep_params().to_vec()));
+        }
+        if !records.give_tokens.is_empty() {
+            steps.push(run_step(client, &give, vec![&records.give_tokens]));
+        }
+        for (business, method, until, reason) in &records.pauses {
+            steps.push(run_step(
+                client,
+                &pause,
+                vec![business, method, until, reason],
+            ));
+        }
+        let (statement, params) = (&update, records.update_params());
+        steps.push(step(async move {
+            let rows = client.query(statement, &params).await.map_err(db_error)?;
+            Ok(Answer::Updated(
+                rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            ))
+        }));
     }
-    steps.push(step(async {
-        client
-            .batch_execute("COMMIT")
-            .await
-            .map(|_| None)
-            .map_err(db_error)
-    }));
+    steps.push(transaction("COMMIT"));
     run_in_order(&mut steps).await;
+
     // Statements run in order: the first error is the cause, the later
     // ones only say the transaction was already failed (and the COMMIT
     // then rolled back).
-    let mut written = Vec::with_capacity(items.len());
+    let mut stored = Vec::new();
+    let mut changed = HashSet::new();
     for s in steps.iter_mut() {
         match s.as_mut().take_output() {
-            Some(Ok(Some(w))) => written.push(w),
-            Some(Ok(None)) => {}
+            Some(Ok(Answer::Nothing)) => {}
+            Some(Ok(Answer::Events(e))) => stored = e,
+            Some(Ok(Answer::Updated(u))) => changed.extend(u),
             Some(Err(e)) => return Err(e),
             None => return Err(StoreError::Database("a batch step did not finish".into())),
         }
+    }
+    if stored.len() != events.sources.len() {
+        return Err(StoreError::Database(format!(
+            "the batch's events statement answered for {} of {} events",
+            stored.len(),
+            events.sources.len()
+        )));
+    }
+    let mut stored = stored.into_iter();
+    let mut written = Vec::with_capacity(items.len());
+    for item in items {
+        written.push(match item {
+            Item::Event(_) => Written::Event(stored.next().flatten()),
+            Item::Record(attempt, _) => {
+                if !changed.contains(&(attempt.delivery_id, attempt.claim_token)) {
+                    tracing::warn!(
+                        delivery = attempt.delivery_id,
+                        "an answer came after the delivery's lease was taken over; recorded as an attempt only"
+                    );
+                }
+                Written::Record
+            }
+        });
     }
     Ok(written)
 }

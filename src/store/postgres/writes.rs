@@ -23,16 +23,6 @@ pub(super) const LOCK_SHARED_SQL: &str = "SELECT pg_advisory_xact_lock_shared($1
     SELECT DISTINCT hashint8(b) AS k FROM unnest($2::int8[]) AS b ORDER BY k) AS keys";
 /// One notification per payload.
 pub(super) const NOTIFY_SQL: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
-pub(super) const ATTEMPT_SQL: &str = "INSERT INTO attempts (delivery_id, business_id, started_at,
-    finished_at, latency_ms, http_status, outcome, api_errors, error, counts_quota, method)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
-/// The claim's quota slot moved to the answer's time, or a new one if it is gone.
-pub(super) const SLOT_KEEP_SQL: &str = "WITH moved AS (
-        UPDATE quota_slots SET taken_at = $5 WHERE claim_token = $1 RETURNING 1)
-    INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
-    SELECT -nextval('claim_tokens'), $2, $3, $4, $5
-    WHERE NOT EXISTS (SELECT 1 FROM moved)";
-pub(super) const SLOT_GIVE_SQL: &str = "DELETE FROM quota_slots WHERE claim_token = $1";
 /// The later pause wins, with its reason.
 pub(super) const PAUSE_SQL: &str =
     "INSERT INTO method_pauses (business_id, method, until_at, reason)
@@ -41,11 +31,165 @@ pub(super) const PAUSE_SQL: &str =
         reason = CASE WHEN EXCLUDED.until_at > method_pauses.until_at
             THEN EXCLUDED.reason ELSE method_pauses.reason END,
         until_at = GREATEST(method_pauses.until_at, EXCLUDED.until_at)";
-pub(super) const UPDATE_SQL: &str = "UPDATE deliveries SET state = $2,
-        reason = CASE WHEN $2 = 'delivered' THEN NULL ELSE COALESCE($3, reason) END,
-        next_attempt_at = $4, delivered_at = $5, attempts = attempts + $6,
-        lease_until = NULL, updated_at = $7
-    WHERE id = $1 AND claim_token = $8";
+
+/// The answers' attempts (one answer's, or a batch's: every statement of
+/// a record takes arrays, one element per answer), in the order given.
+pub(super) const ATTEMPTS_SQL: &str = "INSERT INTO attempts (delivery_id, business_id, started_at,
+        finished_at, latency_ms, http_status, outcome, api_errors, error, counts_quota, method)
+    SELECT delivery_id, business_id, started_at, finished_at, latency_ms, http_status, outcome,
+        api_errors, error, counts_quota, method
+    FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int4[],
+                $7::text[], $8::text[], $9::text[], $10::bool[], $11::text[])
+        WITH ORDINALITY AS a(delivery_id, business_id, started_at, finished_at, latency_ms,
+                             http_status, outcome, api_errors, error, counts_quota, method, n)
+    ORDER BY n";
+
+/// The claims' quota slots of the calls the Market counted, moved to the
+/// answers' times (it may have counted a call any time up to its answer);
+/// a new slot where the claim's is gone.
+pub(super) const SLOTS_KEEP_SQL: &str = "WITH x AS (
+        SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[])
+            WITH ORDINALITY AS x(token, delivery_id, business_id, method, at, n)),
+    moved AS (
+        UPDATE quota_slots q SET taken_at = x.at FROM x
+        WHERE q.claim_token = x.token RETURNING q.claim_token)
+    INSERT INTO quota_slots (claim_token, delivery_id, business_id, method, taken_at)
+    SELECT -nextval('claim_tokens'), x.delivery_id, x.business_id, x.method, x.at FROM x
+    WHERE NOT EXISTS (SELECT 1 FROM moved WHERE moved.claim_token = x.token)
+    ORDER BY x.n";
+
+/// The claims' quota slots of the calls the Market did not count, given back.
+pub(super) const SLOTS_GIVE_SQL: &str =
+    "DELETE FROM quota_slots WHERE claim_token = ANY($1::int8[])";
+
+/// The answered deliveries' new states, each only while it carries its
+/// claim's token (else the answer came after its lease was taken over).
+/// Returns the (delivery, token) pairs changed.
+pub(super) const UPDATES_SQL: &str = "UPDATE deliveries d SET state = x.state,
+        reason = CASE WHEN x.state = 'delivered' THEN NULL ELSE COALESCE(x.reason, d.reason) END,
+        next_attempt_at = x.next_at, delivered_at = x.delivered_at,
+        attempts = d.attempts + x.counted, lease_until = NULL, updated_at = x.now
+    FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[],
+                $7::int8[], $8::int8[])
+        AS x(id, state, reason, next_at, delivered_at, counted, now, token)
+    WHERE d.id = x.id AND d.claim_token = x.token
+    RETURNING d.id, d.claim_token";
+
+/// Answers as the columns of the record statements (one answer alone, or
+/// a batch's).
+#[derive(Default)]
+pub(super) struct RecordColumns<'a> {
+    // ATTEMPTS_SQL
+    pub(super) delivery_ids: Vec<i64>,
+    pub(super) businesses: Vec<i64>,
+    pub(super) started: Vec<Millis>,
+    pub(super) finished: Vec<Millis>,
+    pub(super) latencies: Vec<i64>,
+    pub(super) statuses: Vec<Option<i32>>,
+    pub(super) outcomes: Vec<&'static str>,
+    pub(super) api_errors: Vec<String>,
+    pub(super) errors: Vec<Option<&'a str>>,
+    pub(super) counts_quota: Vec<bool>,
+    pub(super) methods: Vec<&'static str>,
+    // SLOTS_KEEP_SQL
+    pub(super) keep_tokens: Vec<i64>,
+    pub(super) keep_deliveries: Vec<i64>,
+    pub(super) keep_businesses: Vec<i64>,
+    pub(super) keep_methods: Vec<&'static str>,
+    pub(super) keep_at: Vec<Millis>,
+    // SLOTS_GIVE_SQL
+    pub(super) give_tokens: Vec<i64>,
+    // PAUSE_SQL, one statement each (rare)
+    pub(super) pauses: Vec<(i64, &'static str, Millis, &'static str)>,
+    // UPDATES_SQL
+    pub(super) states: Vec<&'static str>,
+    pub(super) reasons: Vec<Option<String>>,
+    pub(super) next_at: Vec<Millis>,
+    pub(super) delivered_at: Vec<Option<Millis>>,
+    pub(super) counted: Vec<i64>,
+    pub(super) now: Vec<Millis>,
+    pub(super) tokens: Vec<i64>,
+}
+
+impl<'a> RecordColumns<'a> {
+    pub(super) fn push(&mut self, attempt: &'a Attempt, now: Millis) {
+        let method = attempt.method.as_str();
+        self.delivery_ids.push(attempt.delivery_id);
+        self.businesses.push(attempt.business_id.0);
+        self.started.push(attempt.started_at);
+        self.finished.push(attempt.finished_at);
+        self.latencies.push(attempt.latency_ms);
+        self.statuses.push(attempt.http_status.map(i32::from));
+        self.outcomes.push(attempt.verdict.outcome_name());
+        self.api_errors
+            .push(serde_json::to_string(&attempt.api_errors).unwrap_or_else(|_| "[]".into()));
+        self.errors.push(attempt.error.as_deref());
+        self.counts_quota.push(attempt.counts_for_quota);
+        self.methods.push(method);
+        // The slot the claim took: kept from the answer's time when the
+        // Market counted the call, else given back.
+        if attempt.counts_for_quota {
+            self.keep_tokens.push(attempt.claim_token);
+            self.keep_deliveries.push(attempt.delivery_id);
+            self.keep_businesses.push(attempt.business_id.0);
+            self.keep_methods.push(method);
+            self.keep_at.push(attempt.finished_at);
+        } else {
+            self.give_tokens.push(attempt.claim_token);
+        }
+        for (until, reason) in pauses_of(attempt) {
+            self.pauses
+                .push((attempt.business_id.0, method, until, reason.as_str()));
+        }
+        let (state, reason, next, delivered_at, counted) = attempt.outcome(now);
+        self.states.push(state.as_str());
+        self.reasons.push(reason);
+        self.next_at.push(next);
+        self.delivered_at.push(delivered_at);
+        self.counted.push(counted);
+        self.now.push(now);
+        self.tokens.push(attempt.claim_token);
+    }
+
+    pub(super) fn attempt_params(&self) -> [&(dyn ToSql + Sync); 11] {
+        [
+            &self.delivery_ids,
+            &self.businesses,
+            &self.started,
+            &self.finished,
+            &self.latencies,
+            &self.statuses,
+            &self.outcomes,
+            &self.api_errors,
+            &self.errors,
+            &self.counts_quota,
+            &self.methods,
+        ]
+    }
+
+    pub(super) fn keep_params(&self) -> [&(dyn ToSql + Sync); 5] {
+        [
+            &self.keep_tokens,
+            &self.keep_deliveries,
+            &self.keep_businesses,
+            &self.keep_methods,
+            &self.keep_at,
+        ]
+    }
+
+    pub(super) fn update_params(&self) -> [&(dyn ToSql + Sync); 8] {
+        [
+            &self.delivery_ids,
+            &self.states,
+            &self.reasons,
+            &self.next_at,
+            &self.delivered_at,
+            &self.counted,
+            &self.now,
+            &self.tokens,
+        ]
+    }
+}
 
 /// The businesses whose deliveries the event writes (held shared while it
 /// is written, see the module docs of `postgres.rs`).
@@ -269,84 +413,37 @@ pub(super) async fn write_record(
     attempt: &Attempt,
     now: Millis,
 ) -> StoreResult<Option<Option<i64>>> {
-    let errors = serde_json::to_string(&attempt.api_errors).unwrap_or_else(|_| "[]".into());
-    let insert = cached(c, ATTEMPT_SQL).await?;
-    c.execute(
-        &insert,
-        &[
-            &attempt.delivery_id,
-            &attempt.business_id.0,
-            &attempt.started_at,
-            &attempt.finished_at,
-            &attempt.latency_ms,
-            &attempt.http_status.map(i32::from),
-            &attempt.verdict.outcome_name(),
-            &errors,
-            &attempt.error,
-            &attempt.counts_for_quota,
-            &attempt.method.as_str(),
-        ],
-    )
-    .await
-    .map_err(db_error)?;
+    let mut columns = RecordColumns::default();
+    columns.push(attempt, now);
+    c.execute(&cached(c, ATTEMPTS_SQL).await?, &columns.attempt_params())
+        .await
+        .map_err(db_error)?;
     if let Verdict::ChatFound { context, chat } = attempt.verdict {
         remember_chat(c, attempt.business_id, context, chat, now).await?;
     }
-    // The slot the claim took: kept from the answer's time when the
-    // Market counted the call (a new one if it is gone), else given back.
-    if attempt.counts_for_quota {
-        let slot = cached(c, SLOT_KEEP_SQL).await?;
-        c.execute(
-            &slot,
-            &[
-                &attempt.claim_token,
-                &attempt.delivery_id,
-                &attempt.business_id.0,
-                &attempt.method.as_str(),
-                &attempt.finished_at,
-            ],
-        )
-        .await
-        .map_err(db_error)?;
-    } else {
-        let give_back = cached(c, SLOT_GIVE_SQL).await?;
-        c.execute(&give_back, &[&attempt.claim_token])
+    if !columns.keep_tokens.is_empty() {
+        c.execute(&cached(c, SLOTS_KEEP_SQL).await?, &columns.keep_params())
             .await
             .map_err(db_error)?;
     }
-    for (until, reason) in pauses_of(attempt) {
-        let pause = cached(c, PAUSE_SQL).await?;
+    if !columns.give_tokens.is_empty() {
+        c.execute(&cached(c, SLOTS_GIVE_SQL).await?, &[&columns.give_tokens])
+            .await
+            .map_err(db_error)?;
+    }
+    for (business, method, until, reason) in &columns.pauses {
         c.execute(
-            &pause,
-            &[
-                &attempt.business_id.0,
-                &attempt.method.as_str(),
-                &until,
-                &reason.as_str(),
-            ],
+            &cached(c, PAUSE_SQL).await?,
+            &[business, method, until, reason],
         )
         .await
         .map_err(db_error)?;
     }
-    let (state, reason, next, delivered_at, counted) = attempt.outcome(now);
-    let update = cached(c, UPDATE_SQL).await?;
     let changed = c
-        .execute(
-            &update,
-            &[
-                &attempt.delivery_id,
-                &state.as_str(),
-                &reason,
-                &next,
-                &delivered_at,
-                &counted,
-                &now,
-                &attempt.claim_token,
-            ],
-        )
+        .query(&cached(c, UPDATES_SQL).await?, &columns.update_params())
         .await
         .map_err(db_error)?;
-    if changed == 0 {
+    if changed.is_empty() {
         tracing::warn!(
             delivery = attempt.delivery_id,
             "an answer came after the delivery's lease was taken over; recorded as an attempt only"
