@@ -5,7 +5,7 @@
 use chatbridge::domain::{BusinessId, DeliveryState, MarketMethod};
 use chatbridge::settings::StorageSettings;
 use chatbridge::store::{
-    Attempt, ClaimLimits, DeliveryFilter, Inserted, NewEvent, SharedCaps, Store, Verdict,
+    Attempt, ClaimLimits, Claimed, DeliveryFilter, Inserted, NewEvent, SharedCaps, Store, Verdict,
 };
 
 use crate::helpers::*;
@@ -23,6 +23,38 @@ fn open(url: &str) -> std::sync::Arc<dyn Store> {
 /// An event with one delivery of business 444 to `chat`, saying `text`.
 fn message(id: &str, chat: i64, text: &str) -> NewEvent {
     chat_event(id, 444, chat, text)
+}
+
+/// Eight messages of business 444, to chats `first_chat`.., stored and
+/// claimed at 2,000 (quota slots taken then).
+async fn eight_claimed(store: &std::sync::Arc<dyn Store>, first_chat: i64) -> Vec<Claimed> {
+    for i in 0..8 {
+        store
+            .insert_event(message(
+                &format!("m-{first_chat}-{i}"),
+                first_chat + i,
+                "hello",
+            ))
+            .await
+            .unwrap();
+    }
+    let limits = ClaimLimits {
+        sends: 8,
+        chat_lookups: 8,
+        total: 8,
+        caps: SharedCaps {
+            max_in_flight: 8,
+            send_limit: 1000,
+            lookup_limit: 1000,
+            window_ms: 3_600_000,
+        },
+    };
+    let claimed = store
+        .claim(BusinessId(444), 2_000, 60_000, limits, false)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 8);
+    claimed
 }
 
 #[actix_rt::test]
@@ -85,33 +117,7 @@ async fn one_bad_event_among_webhooks_written_together_fails_alone_and_the_other
 async fn one_bad_answer_among_answers_recorded_together_fails_alone_and_the_others_are_recorded() {
     let database = TestDatabase::create().await;
     let store = open(&database.url);
-    for i in 0..8 {
-        store
-            .insert_event(message(&format!("r-{i}"), 7100 + i, "hello"))
-            .await
-            .unwrap();
-    }
-    let claimed = store
-        .claim(
-            BusinessId(444),
-            2_000,
-            60_000,
-            ClaimLimits {
-                sends: 8,
-                chat_lookups: 8,
-                total: 8,
-                caps: SharedCaps {
-                    max_in_flight: 8,
-                    send_limit: 1000,
-                    lookup_limit: 1000,
-                    window_ms: 3_600_000,
-                },
-            },
-            false,
-        )
-        .await
-        .unwrap();
-    assert_eq!(claimed.len(), 8);
+    let claimed = eight_claimed(&store, 7100).await;
     let bad = claimed[3].id;
     let answers = futures_util::future::join_all(claimed.iter().map(|c| {
         store.record(
@@ -155,28 +161,7 @@ async fn one_bad_answer_among_answers_recorded_together_fails_alone_and_the_othe
 async fn answers_of_every_kind_recorded_together_each_come_out_as_they_would_alone() {
     let database = TestDatabase::create().await;
     let store = open(&database.url);
-    for i in 0..8 {
-        store
-            .insert_event(message(&format!("k-{i}"), 7200 + i, "hello"))
-            .await
-            .unwrap();
-    }
-    let limits = ClaimLimits {
-        sends: 8,
-        chat_lookups: 8,
-        total: 8,
-        caps: SharedCaps {
-            max_in_flight: 8,
-            send_limit: 1000,
-            lookup_limit: 1000,
-            window_ms: 3_600_000,
-        },
-    };
-    let claimed = store
-        .claim(BusinessId(444), 2_000, 60_000, limits, false)
-        .await
-        .unwrap();
-    assert_eq!(claimed.len(), 8);
+    let claimed = eight_claimed(&store, 7200).await;
     let c = &claimed;
     let answers = vec![
         answer(&c[0], 2_200, Verdict::Delivered),
