@@ -52,9 +52,7 @@ impl Pipeline {
         let (Some(routes), Some(mut renderer)) = (routes, renderer) else {
             return Err(problems);
         };
-        if let Err(e) = renderer.prepare_routes(&routes, &settings.routes_file()) {
-            return Err(e);
-        }
+        renderer.prepare_routes(&routes, &settings.routes_file())?;
         for route in &routes.routes {
             if let Some(source) = &route.source {
                 if !settings.sources.contains_key(source) {

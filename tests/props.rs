@@ -304,7 +304,7 @@ proptest! {
         let ts_text = ts.to_string();
         let now = ts * 1000 + skew_ms;
         prop_assert_eq!(
-            signature::verify_signature(&[key.clone()], headers(&id, &ts_text, &sig), &body, now),
+            signature::verify_signature(std::slice::from_ref(&key), headers(&id, &ts_text, &sig), &body, now),
             Ok(())
         );
         // Among several keys (rotation) and several signatures.
@@ -323,23 +323,23 @@ proptest! {
         let mut tampered = body.clone();
         tampered[flip_at.index(body.len())] ^= flip;
         prop_assert_eq!(
-            signature::verify_signature(&[key.clone()], headers(&id, &ts_text, &sig), &tampered, now),
+            signature::verify_signature(std::slice::from_ref(&key), headers(&id, &ts_text, &sig), &tampered, now),
             Err(AuthError::BadSignature)
         );
         // A byte added or removed.
         let mut longer = body.clone();
         longer.push(b' ');
-        prop_assert!(signature::verify_signature(&[key.clone()], headers(&id, &ts_text, &sig), &longer, now).is_err());
-        prop_assert!(signature::verify_signature(&[key.clone()], headers(&id, &ts_text, &sig), &body[..body.len() - 1], now).is_err());
+        prop_assert!(signature::verify_signature(std::slice::from_ref(&key), headers(&id, &ts_text, &sig), &longer, now).is_err());
+        prop_assert!(signature::verify_signature(std::slice::from_ref(&key), headers(&id, &ts_text, &sig), &body[..body.len() - 1], now).is_err());
         // Another id, another timestamp.
         let other_id = format!("{id}x");
-        prop_assert!(signature::verify_signature(&[key.clone()], headers(&other_id, &ts_text, &sig), &body, now).is_err());
+        prop_assert!(signature::verify_signature(std::slice::from_ref(&key), headers(&other_id, &ts_text, &sig), &body, now).is_err());
         let next_ts = (ts + 1).to_string();
-        prop_assert!(signature::verify_signature(&[key.clone()], headers(&id, &next_ts, &sig), &body, now).is_err());
+        prop_assert!(signature::verify_signature(std::slice::from_ref(&key), headers(&id, &next_ts, &sig), &body, now).is_err());
         // Another key.
         if other_key != key {
             prop_assert_eq!(
-                signature::verify_signature(&[other_key.clone()], headers(&id, &ts_text, &sig), &body, now),
+                signature::verify_signature(std::slice::from_ref(&other_key), headers(&id, &ts_text, &sig), &body, now),
                 Err(AuthError::BadSignature)
             );
         }
@@ -349,12 +349,12 @@ proptest! {
         mac[at] ^= flip;
         let forged = format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(&mac));
         prop_assert_eq!(
-            signature::verify_signature(&[key.clone()], headers(&id, &ts_text, &forged), &body, now),
+            signature::verify_signature(std::slice::from_ref(&key), headers(&id, &ts_text, &forged), &body, now),
             Err(AuthError::BadSignature)
         );
         // Out of the ±5 minute window.
         prop_assert_eq!(
-            signature::verify_signature(&[key.clone()], headers(&id, &ts_text, &sig), &body, (ts + 301) * 1000),
+            signature::verify_signature(std::slice::from_ref(&key), headers(&id, &ts_text, &sig), &body, (ts + 301) * 1000),
             Err(AuthError::StaleTimestamp)
         );
         prop_assert_eq!(
@@ -646,7 +646,7 @@ proptest! {
     ) {
         // Digit keys become array indexes, the rest object keys.
         let payload = keys.iter().rev().fold(leaf.clone(), |inner, key| match key.parse::<usize>() {
-            Ok(i) => Value::Array(std::iter::repeat(Value::Null).take(i).chain([inner]).collect()),
+            Ok(i) => Value::Array(std::iter::repeat_n(Value::Null, i).chain([inner]).collect()),
             Err(_) => json!({ key.as_str(): inner }),
         });
         let path = keys.join(".");

@@ -166,7 +166,12 @@ mod tests {
         let key = decode_webhook_secret(SECRET).unwrap();
         let ts = TS.to_string();
         assert_eq!(
-            verify_signature(&[key.clone()], headers(&ts, SIGNATURE), BODY, TS * 1000),
+            verify_signature(
+                std::slice::from_ref(&key),
+                headers(&ts, SIGNATURE),
+                BODY,
+                TS * 1000
+            ),
             Ok(())
         );
         let several = format!("v1,bm9wZQ== v2,xyz {SIGNATURE}");
@@ -182,7 +187,7 @@ mod tests {
         let ts = TS.to_string();
         assert_eq!(
             verify_signature(
-                &[key.clone()],
+                std::slice::from_ref(&key),
                 headers(&ts, SIGNATURE),
                 BODY,
                 (TS + 301) * 1000

@@ -229,7 +229,7 @@ mod tests {
     fn until_dates_round_trip() {
         let t = 1_795_000_000_000;
         assert_eq!(parse_until(&format_until(t)), Some(t));
-        assert_eq!(parse_until("Wed, 25 Nov 2026 13:00:00 GMT").is_some(), true);
+        assert!(parse_until("Wed, 25 Nov 2026 13:00:00 GMT").is_some());
         assert_eq!(parse_until("soon"), None);
     }
 }

@@ -146,7 +146,7 @@ pub fn format_roubles(amount: f64) -> String {
     let digits = (kopecks / 100).to_string();
     let mut grouped = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             grouped.push(' ');
         }
         grouped.push(c);

@@ -158,7 +158,7 @@ pub async fn list(
             .then(|| format!("/ui/deliveries?{}", encode(&without_after))),
     };
     let filter = parse_filter(&pairs)
-        .map_err(|e| format!("{e}"))
+        .map_err(|e| e.to_string())
         .and_then(|q| q.to_filter().map_err(|e| e.message));
     match filter {
         Err(e) => page_view.error = Some(e),

@@ -208,7 +208,7 @@ async fn a_burst_of_5000_drains_at_the_full_quota_without_a_420_across_a_restart
     let window_ms = window_secs as i64 * 1000;
     assert_never_over(&times, limit, window_ms);
     let span = times.iter().max().unwrap() - times.iter().min().unwrap();
-    let best = ((total + limit - 1) / limit - 1) as i64 * window_ms;
+    let best = (total.div_ceil(limit) - 1) as i64 * window_ms;
     let use_of_quota = best as f64 / span as f64;
     assert!(
         use_of_quota >= 0.95,
