@@ -32,10 +32,7 @@ use std::task::Poll;
 
 use futures_util::future::{maybe_done, MaybeDone};
 
-use super::writes::{
-    cached, event_businesses, RecordColumns, ATTEMPTS_SQL, PAUSE_SQL, SLOTS_GIVE_SQL,
-    SLOTS_KEEP_SQL, UPDATES_SQL,
-};
+use super::writes::{cached, event_businesses, RecordColumns, UPDATES_SQL};
 use super::*;
 
 /// Every event of the batch and its deliveries in one statement: per event
@@ -273,10 +270,12 @@ pub(super) async fn write_pipelined(
     let lock = cached(client, super::writes::LOCK_SHARED_SQL).await?;
     let notify = cached(client, super::writes::NOTIFY_SQL).await?;
     let write_events = cached(client, EVENTS_SQL).await?;
-    let attempts = cached(client, ATTEMPTS_SQL).await?;
-    let keep = cached(client, SLOTS_KEEP_SQL).await?;
-    let give = cached(client, SLOTS_GIVE_SQL).await?;
-    let pause = cached(client, PAUSE_SQL).await?;
+    let mut record_statements = Vec::new();
+    if !records.is_empty() {
+        for (sql, params) in records.statements() {
+            record_statements.push((cached(client, sql).await?, params));
+        }
+    }
     let update = cached(client, UPDATES_SQL).await?;
 
     let client: &tokio_postgres::Client = client;
@@ -307,24 +306,9 @@ pub(super) async fn write_pipelined(
             ))
         }));
     }
-    if !records.delivery_ids.is_empty() {
-        steps.push(run_step(
-            client,
-            &attempts,
-            records.attempt_params().to_vec(),
-        ));
-        if !records.keep_tokens.is_empty() {
-            steps.push(run_step(client, &keep, records.keep_params().to_vec()));
-        }
-        if !records.give_tokens.is_empty() {
-            steps.push(run_step(client, &give, vec![&records.give_tokens]));
-        }
-        for (business, method, until, reason) in &records.pauses {
-            steps.push(run_step(
-                client,
-                &pause,
-                vec![business, method, until, reason],
-            ));
+    if !records.is_empty() {
+        for (statement, params) in &record_statements {
+            steps.push(run_step(client, statement, params.clone()));
         }
         let (statement, params) = (&update, records.update_params());
         steps.push(step(async move {

@@ -24,8 +24,7 @@ pub(super) const LOCK_SHARED_SQL: &str = "SELECT pg_advisory_xact_lock_shared($1
 /// One notification per payload.
 pub(super) const NOTIFY_SQL: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
 /// The later pause wins, with its reason.
-pub(super) const PAUSE_SQL: &str =
-    "INSERT INTO method_pauses (business_id, method, until_at, reason)
+const PAUSE_SQL: &str = "INSERT INTO method_pauses (business_id, method, until_at, reason)
     VALUES ($1, $2, $3, $4)
     ON CONFLICT (business_id, method) DO UPDATE SET
         reason = CASE WHEN EXCLUDED.until_at > method_pauses.until_at
@@ -34,7 +33,7 @@ pub(super) const PAUSE_SQL: &str =
 
 /// The answers' attempts (one answer's, or a batch's: every statement of
 /// a record takes arrays, one element per answer), in the order given.
-pub(super) const ATTEMPTS_SQL: &str = "INSERT INTO attempts (delivery_id, business_id, started_at,
+const ATTEMPTS_SQL: &str = "INSERT INTO attempts (delivery_id, business_id, started_at,
         finished_at, latency_ms, http_status, outcome, api_errors, error, counts_quota, method)
     SELECT delivery_id, business_id, started_at, finished_at, latency_ms, http_status, outcome,
         api_errors, error, counts_quota, method
@@ -47,7 +46,7 @@ pub(super) const ATTEMPTS_SQL: &str = "INSERT INTO attempts (delivery_id, busine
 /// The claims' quota slots of the calls the Market counted, moved to the
 /// answers' times (it may have counted a call any time up to its answer);
 /// a new slot where the claim's is gone.
-pub(super) const SLOTS_KEEP_SQL: &str = "WITH x AS (
+const SLOTS_KEEP_SQL: &str = "WITH x AS (
         SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::int8[])
             WITH ORDINALITY AS x(token, delivery_id, business_id, method, at, n)),
     moved AS (
@@ -59,8 +58,7 @@ pub(super) const SLOTS_KEEP_SQL: &str = "WITH x AS (
     ORDER BY x.n";
 
 /// The claims' quota slots of the calls the Market did not count, given back.
-pub(super) const SLOTS_GIVE_SQL: &str =
-    "DELETE FROM quota_slots WHERE claim_token = ANY($1::int8[])";
+const SLOTS_GIVE_SQL: &str = "DELETE FROM quota_slots WHERE claim_token = ANY($1::int8[])";
 
 /// The answered deliveries' new states, each only while it carries its
 /// claim's token (else the answer came after its lease was taken over).
@@ -80,35 +78,35 @@ pub(super) const UPDATES_SQL: &str = "UPDATE deliveries d SET state = x.state,
 #[derive(Default)]
 pub(super) struct RecordColumns<'a> {
     // ATTEMPTS_SQL
-    pub(super) delivery_ids: Vec<i64>,
-    pub(super) businesses: Vec<i64>,
-    pub(super) started: Vec<Millis>,
-    pub(super) finished: Vec<Millis>,
-    pub(super) latencies: Vec<i64>,
-    pub(super) statuses: Vec<Option<i32>>,
-    pub(super) outcomes: Vec<&'static str>,
-    pub(super) api_errors: Vec<String>,
-    pub(super) errors: Vec<Option<&'a str>>,
-    pub(super) counts_quota: Vec<bool>,
-    pub(super) methods: Vec<&'static str>,
+    delivery_ids: Vec<i64>,
+    businesses: Vec<i64>,
+    started: Vec<Millis>,
+    finished: Vec<Millis>,
+    latencies: Vec<i64>,
+    statuses: Vec<Option<i32>>,
+    outcomes: Vec<&'static str>,
+    api_errors: Vec<String>,
+    errors: Vec<Option<&'a str>>,
+    counts_quota: Vec<bool>,
+    methods: Vec<&'static str>,
     // SLOTS_KEEP_SQL
-    pub(super) keep_tokens: Vec<i64>,
-    pub(super) keep_deliveries: Vec<i64>,
-    pub(super) keep_businesses: Vec<i64>,
-    pub(super) keep_methods: Vec<&'static str>,
-    pub(super) keep_at: Vec<Millis>,
+    keep_tokens: Vec<i64>,
+    keep_deliveries: Vec<i64>,
+    keep_businesses: Vec<i64>,
+    keep_methods: Vec<&'static str>,
+    keep_at: Vec<Millis>,
     // SLOTS_GIVE_SQL
-    pub(super) give_tokens: Vec<i64>,
+    give_tokens: Vec<i64>,
     // PAUSE_SQL, one statement each (rare)
-    pub(super) pauses: Vec<(i64, &'static str, Millis, &'static str)>,
+    pauses: Vec<(i64, &'static str, Millis, &'static str)>,
     // UPDATES_SQL
-    pub(super) states: Vec<&'static str>,
-    pub(super) reasons: Vec<Option<String>>,
-    pub(super) next_at: Vec<Millis>,
-    pub(super) delivered_at: Vec<Option<Millis>>,
-    pub(super) counted: Vec<i64>,
-    pub(super) now: Vec<Millis>,
-    pub(super) tokens: Vec<i64>,
+    states: Vec<&'static str>,
+    reasons: Vec<Option<String>>,
+    next_at: Vec<Millis>,
+    delivered_at: Vec<Option<Millis>>,
+    counted: Vec<i64>,
+    now: Vec<Millis>,
+    tokens: Vec<i64>,
 }
 
 impl<'a> RecordColumns<'a> {
@@ -151,30 +149,51 @@ impl<'a> RecordColumns<'a> {
         self.tokens.push(attempt.claim_token);
     }
 
-    pub(super) fn attempt_params(&self) -> [&(dyn ToSql + Sync); 11] {
-        [
-            &self.delivery_ids,
-            &self.businesses,
-            &self.started,
-            &self.finished,
-            &self.latencies,
-            &self.statuses,
-            &self.outcomes,
-            &self.api_errors,
-            &self.errors,
-            &self.counts_quota,
-            &self.methods,
-        ]
+    /// Whether no answer is in it.
+    pub(super) fn is_empty(&self) -> bool {
+        self.delivery_ids.is_empty()
     }
 
-    pub(super) fn keep_params(&self) -> [&(dyn ToSql + Sync); 5] {
-        [
-            &self.keep_tokens,
-            &self.keep_deliveries,
-            &self.keep_businesses,
-            &self.keep_methods,
-            &self.keep_at,
-        ]
+    /// The statements that store the answers before their deliveries'
+    /// new states ([`UPDATES_SQL`] with [`Self::update_params`]), in the
+    /// order they run, each with its parameters: the attempts, the quota
+    /// slots kept and given back, the pauses.
+    pub(super) fn statements(&self) -> Vec<(&'static str, Vec<&(dyn ToSql + Sync)>)> {
+        let mut statements: Vec<(&'static str, Vec<&(dyn ToSql + Sync)>)> = vec![(
+            ATTEMPTS_SQL,
+            vec![
+                &self.delivery_ids,
+                &self.businesses,
+                &self.started,
+                &self.finished,
+                &self.latencies,
+                &self.statuses,
+                &self.outcomes,
+                &self.api_errors,
+                &self.errors,
+                &self.counts_quota,
+                &self.methods,
+            ],
+        )];
+        if !self.keep_tokens.is_empty() {
+            statements.push((
+                SLOTS_KEEP_SQL,
+                vec![
+                    &self.keep_tokens,
+                    &self.keep_deliveries,
+                    &self.keep_businesses,
+                    &self.keep_methods,
+                    &self.keep_at,
+                ],
+            ));
+        }
+        if !self.give_tokens.is_empty() {
+            statements.push((SLOTS_GIVE_SQL, vec![&self.give_tokens]));
+        }
+        for (business, method, until, reason) in &self.pauses {
+            statements.push((PAUSE_SQL, vec![business, method, until, reason]));
+        }
+        statements
     }
 
     pub(super) fn update_params(&self) -> [&(dyn ToSql + Sync); 8] {
@@ -415,29 +434,13 @@ pub(super) async fn write_record(
 ) -> StoreResult<Option<Option<i64>>> {
     let mut columns = RecordColumns::default();
     columns.push(attempt, now);
-    c.execute(&cached(c, ATTEMPTS_SQL).await?, &columns.attempt_params())
-        .await
-        .map_err(db_error)?;
+    for (sql, params) in columns.statements() {
+        c.execute(&cached(c, sql).await?, &params)
+            .await
+            .map_err(db_error)?;
+    }
     if let Verdict::ChatFound { context, chat } = attempt.verdict {
         remember_chat(c, attempt.business_id, context, chat, now).await?;
-    }
-    if !columns.keep_tokens.is_empty() {
-        c.execute(&cached(c, SLOTS_KEEP_SQL).await?, &columns.keep_params())
-            .await
-            .map_err(db_error)?;
-    }
-    if !columns.give_tokens.is_empty() {
-        c.execute(&cached(c, SLOTS_GIVE_SQL).await?, &[&columns.give_tokens])
-            .await
-            .map_err(db_error)?;
-    }
-    for (business, method, until, reason) in &columns.pauses {
-        c.execute(
-            &cached(c, PAUSE_SQL).await?,
-            &[business, method, until, reason],
-        )
-        .await
-        .map_err(db_error)?;
     }
     let changed = c
         .query(&cached(c, UPDATES_SQL).await?, &columns.update_params())
